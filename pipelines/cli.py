@@ -1,0 +1,125 @@
+"""`softcurate`: one subcommand per stage, and `run` to chain the stages a config lists.
+
+Stage options are generated from the config models, so `--help` documents every key and a CLI
+option is only another way to write `--set section.key=value`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+
+from pydantic import BaseModel
+
+from pipelines.config import Config, ConfigError, ShardConfig, load_config
+from pipelines.urllist import InputError
+
+RENAMED = {"input.path": "input"}  # `--input urls.tsv` reads better than `--path`
+
+
+def run_world(config: Config) -> dict:
+    from pipelines.world import build_world
+
+    if config.world is None:
+        raise ConfigError("the config lists the world stage but has no world section")
+    summary = build_world(config.world, config.world_dir(), config.seed)
+    print(f"world: {summary['n_train']} train pairs (noise {summary['noise_counts']}), "
+          f"{summary['n_val']} val, {summary['n_test']} test in {summary['dir']}")
+    return summary
+
+
+def run_shard(config: Config) -> dict:
+    from pipelines.shard import run_shard as shard
+
+    return shard(config)
+
+
+STAGES = {"world": run_world, "shard": run_shard}
+
+
+def model_options(parser: argparse.ArgumentParser, model: type[BaseModel], section: str, prefix: str = "") -> None:
+    """One option per field of `model` (recursing into sub-models), stored under its dotted key."""
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            model_options(parser, field.annotation, section, prefix=f"{key}.")
+            continue
+        flag = "--" + RENAMED.get(key, name).replace("_", "-")
+        kind = field.annotation
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        base = args[0] if args and typing.get_origin(kind) is typing.Union else kind
+        kw: dict = {"dest": f"{section}.{key}", "default": argparse.SUPPRESS,
+                    "help": f"{field.description} (default: {field.default})"}
+        if base is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base) is typing.Literal:
+            kw["choices"] = typing.get_args(base)
+        elif typing.get_origin(base) is list:
+            kw["nargs"] = "*"
+        elif base in (int, float):
+            kw["type"] = base
+        if "choices" not in kw and base is not bool:
+            kw["metavar"] = "N" if base is int else "X" if base is float else name.upper()
+        parser.add_argument(flag, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="softcurate", description="Noise curation and soft labels for CLIP-style image-text data.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, config_required: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("config", nargs=None if config_required else "?", help="YAML config (e.g. configs/demo.yaml)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set shard.processes=4 (repeatable)")
+        p.add_argument("--root", dest="root", default=argparse.SUPPRESS,
+                       help="dataset root (a local path or fsspec url); overrides the config's root")
+        return p
+
+    command("run", "run the stages the config lists (its `stages` key), in order")
+    world = command("world", "build the demo world: images, captions with known noise, clean val/test splits")
+    world.add_argument("--serve", action="store_true", help="then serve it on loopback until Ctrl-C")
+    shard = command("shard", "turn a url list into WebDataset shards (img2dataset on Dask)", config_required=False)
+    model_options(shard, ShardConfig, "shard")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    values = {k: v for k, v in vars(args).items() if "." in k or k == "root"}
+    try:
+        config = load_config(args.config, args.overrides, values)
+        if args.command == "run":
+            for stage in config.stages:
+                STAGES[stage](config)
+        elif args.command == "world":
+            run_world(config)
+            if args.serve:
+                serve_forever(config)
+        else:
+            STAGES[args.command](config)
+    except (ConfigError, InputError) as err:
+        print(f"softcurate {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"softcurate {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def serve_forever(config: Config) -> None:
+    import threading
+
+    from pipelines.world import write_url_list
+    from pipelines.world_server import serve_world
+
+    with serve_world(config.world_dir(), config.world.host, config.world.port, config.world.timeout_delay) as base:
+        tsv, parquet = write_url_list(config.world_dir(), base)
+        print(f"serving {config.world_dir()} at {base}; url list {tsv} (Ctrl-C stops)")
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

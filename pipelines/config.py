@@ -1,0 +1,193 @@
+"""Configuration: YAML validated into typed models, `--set a.b=value` overrides, resolved copies.
+
+Every key is declared here; an unknown or ill-typed key is an error that names it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal, Optional
+
+import fsspec
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- the demo world
+class NoiseConfig(Strict):
+    """Fractions of the train split that carry each kind of injected noise."""
+
+    swapped_caption: float = Field(0.20, ge=0, le=1)
+    wrong_attribute: float = Field(0.05, ge=0, le=1)
+    boilerplate: float = Field(0.05, ge=0, le=1)
+    near_duplicate: float = Field(0.02, ge=0, le=1)
+
+
+class FailingUrlsConfig(Strict):
+    """How many extra url-list rows point at server paths that fail on purpose."""
+
+    http_404: int = Field(3, ge=0)
+    http_500: int = Field(3, ge=0)
+    timeout: int = Field(2, ge=0)
+    truncated: int = Field(3, ge=0)
+    html: int = Field(3, ge=0)
+
+
+class WorldConfig(Strict):
+    n_train: int = Field(4000, ge=1)
+    n_val: int = Field(500, ge=0)
+    n_test: int = Field(1000, ge=0)
+    image_size: int = Field(64, ge=16, le=1024)
+    partial_caption: float = Field(0.3, ge=0, le=1)
+    noise: NoiseConfig = NoiseConfig()
+    failing_urls: FailingUrlsConfig = FailingUrlsConfig()
+    dir: Optional[str] = None  # default: <root>/world
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)  # 0: any free port
+    timeout_delay: float = Field(30.0, gt=0)  # how long a "timeout" url stalls
+
+
+# ---------------------------------------------------------------- the shard stage
+def option(default, help: str, **kw):
+    """A config field whose help text is also its CLI --help line."""
+    return Field(default, description=help, **kw)
+
+
+class InputConfig(Strict):
+    path: Optional[str] = option(None, "url list (local path or fsspec url); unset: the demo world's list, served on loopback")
+    format: Literal["auto", "cc3m", "cc12m", "csv", "parquet"] = option(
+        "auto", "cc3m: caption<TAB>url; cc12m: url<TAB>caption; csv/parquet: named columns; auto: by extension and content")
+    url_col: str = option("url", "url column (csv, parquet)")
+    caption_col: str = option("caption", "caption column (csv, parquet)")
+    extra_cols: list[str] = option([], "more columns to carry into each sample's json and parquet row (csv, parquet)")
+
+
+class ShardConfig(Strict):
+    input: InputConfig = InputConfig()
+    output: Optional[str] = option(None, "where the shards go; default <root>/shards")
+    scheduler: Optional[str] = option(None, "address of an existing Dask scheduler (tcp://HOST:8786); default: a LocalCluster")
+    processes: int = option(2, "LocalCluster worker processes", ge=1)
+    threads: int = option(64, "download threads in each shard task", ge=1)
+    samples_per_shard: int = option(10000, "rows per input shard and per output tar", ge=1)
+    image_size: int = option(256, "side of the stored images in pixels", ge=8)
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = option(
+        "border", "img2dataset resize mode")
+    encode_format: Literal["jpg", "png", "webp"] = option("jpg", "image encoding in the tars")
+    encode_quality: int = option(95, "encoding quality", ge=1, le=100)
+    timeout: int = option(10, "seconds allowed for each download", ge=1)
+    retries: int = option(0, "download retries per url", ge=0)
+    max_shard_retry: int = option(1, "times a failed shard task is retried before the run reports it", ge=0)
+    compute_hash: Optional[Literal["md5", "sha256", "sha512"]] = option("sha256", "hash of each image stored in its json")
+    extract_exif: bool = option(False, "store each image's EXIF in its json")
+    min_image_size: int = option(0, "reject images whose smaller side is below this", ge=0)
+    max_image_area: Optional[float] = option(None, "reject images with more pixels than this (unset: no limit)", gt=0)
+    max_aspect_ratio: Optional[float] = option(None, "reject images more elongated than this (unset: no limit)", gt=0)
+    overwrite: bool = option(False, "discard existing shards instead of resuming")
+
+
+Stage = Literal["world", "shard"]
+
+
+class Config(Strict):
+    seed: int = 0
+    root: str = "data/demo"  # the dataset root: a local path or any fsspec url
+    stages: list[Stage] = ["shard"]
+    world: Optional[WorldConfig] = None
+    shard: ShardConfig = ShardConfig()
+
+    def world_dir(self) -> str:
+        return (self.world.dir if self.world and self.world.dir else None) or join(self.root, "world")
+
+    def shard_dir(self) -> str:
+        return self.shard.output or join(self.root, "shards")
+
+
+def join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+# ---------------------------------------------------------------- loading
+def load_config(path: str | Path | None, overrides: list[str] = (), values: dict | None = None) -> Config:
+    """Read YAML (or start from defaults when path is None), apply `a.b=value` overrides, validate.
+
+    `values` holds already-typed overrides by dotted key (from CLI options); they win over `overrides`.
+    """
+    data: dict = {}
+    where = str(path) if path else "<defaults>"
+    if path is not None:
+        try:
+            with fsspec.open(str(path), "r", encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{where}: no such config file") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{where}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: the top level must be a mapping of keys, got {type(data).__name__}")
+    for item in overrides:
+        apply_override(data, item)
+    for dotted, value in (values or {}).items():
+        set_key(data, dotted, value)
+    return validate(data, where)
+
+
+def apply_override(data: dict, item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. shard.processes=4")
+    set_key(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+
+
+def set_key(data: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{part}' is a value, not a section")
+    node[leaf] = value
+
+
+def validate(data: dict, where: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{where}: " + "; ".join(describe(e) for e in err.errors())) from None
+
+
+def describe(error: dict) -> str:
+    key = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        known = known_keys(error["loc"][:-1])
+        close = difflib.get_close_matches(str(error["loc"][-1]), known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(known)})"
+        return f"unknown key '{key}'{hint}"
+    return f"key '{key}': {error['msg']} (got {error.get('input')!r})"
+
+
+def known_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        annotation = model.model_fields[part].annotation
+        inner = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        model = next(a for a in inner if issubclass(a, BaseModel))
+    return list(model.model_fields)
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def save_config(config: Config, path: str) -> None:
+    """Write the resolved config beside a stage's outputs."""
+    with fsspec.open(path, "w", encoding="utf-8") as f:
+        f.write(dump_config(config))

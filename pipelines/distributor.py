@@ -1,0 +1,63 @@
+"""img2dataset's distributor contract, on Dask.
+
+`dask_distributor` has the signature of img2dataset's own `multiprocessing_distributor` and
+`pyspark_distributor`: it receives img2dataset's Downloader and Reader and runs one task per input
+shard. Like the pyspark one, which uses the active Spark session, it uses the active Dask client
+(a LocalCluster or a remote scheduler set up by the caller) and makes a LocalCluster only when
+there is none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from dask.distributed import Client, LocalCluster, as_completed, default_client
+from img2dataset.distributor import retrier
+from tqdm import tqdm
+
+
+def dask_distributor(processes_count, downloader, reader, subjob_size, max_shard_retry):
+    """Run `downloader(shard)` for every shard of `reader` on Dask; retry failed shards."""
+    with active_client(processes_count) as client:
+
+        def run(shards):
+            failed = []
+            shards = list(shards)
+            # subjob_size bounds how many shard tasks wait on the scheduler at once, as in pyspark's batches
+            for start in range(0, len(shards), subjob_size):
+                futures = client.map(downloader, shards[start:start + subjob_size], pure=False)
+                for future in tqdm(as_completed(futures), total=len(futures), unit="shard", desc="shards",
+                                   initial=start, dynamic_ncols=True):
+                    status, shard = future.result()
+                    if status is False:
+                        failed.append(shard)
+            return failed
+
+        retrier(run, run(reader), max_shard_retry)
+
+
+@contextlib.contextmanager
+def active_client(processes_count: int):
+    try:
+        client = default_client()
+    except ValueError:  # no client yet: own a LocalCluster for the duration
+        client = None
+    if client is not None:
+        yield client
+        return
+    with dask_client(None, processes_count) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def dask_client(scheduler: str | None, processes: int):
+    """A client on an existing scheduler, or on a LocalCluster of `processes` single-threaded workers."""
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    if scheduler:
+        with Client(scheduler, timeout="30s") as client:
+            yield client
+        return
+    with LocalCluster(n_workers=processes, threads_per_worker=1, processes=True,
+                      dashboard_address="127.0.0.1:0", host="127.0.0.1") as cluster, Client(cluster) as client:
+        yield client

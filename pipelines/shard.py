@@ -1,0 +1,198 @@
+"""The shard stage: a url list to WebDataset shards, img2dataset's reader and downloader on Dask.
+
+    url list ─▶ read + validate (urllist) ─▶ _input.parquet ─▶ img2dataset Reader ─▶ input shards
+             └▶ _rejected.parquet (a reason per row)            Downloader per shard on Dask ─▶ NNNNN.tar/.parquet/_stats.json
+
+A shard is complete when its `_stats.json` exists (img2dataset writes it last) and its counts match
+its parquet; a re-run skips complete shards and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import time
+
+import fsspec
+import polars as pl
+import pyarrow.parquet as pq
+from img2dataset.downloader import Downloader
+from img2dataset.reader import Reader
+from img2dataset.resizer import Resizer
+from img2dataset.writer import WebDatasetSampleWriter
+
+from pipelines.config import Config, ConfigError, join, save_config
+from pipelines.distributor import dask_client, dask_distributor
+from pipelines.manifest import read_json, record_stage, write_json
+from pipelines.urllist import InputError, read_url_list, rows_digest, validate_rows
+
+SHARD_DIGITS = 5  # img2dataset's oom_shard_count: shards are named 00000.tar ...
+ROBOTS_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]  # img2dataset's default opt-outs
+
+
+def run_shard(config: Config) -> dict:
+    cfg = config.shard
+    out = config.shard_dir()
+    fs, out_path = fsspec.core.url_to_fs(out)
+    started = time.time()
+    with url_list(config) as (path, fmt):
+        rows = read_url_list(path, fmt, cfg.input.url_col, cfg.input.caption_col, cfg.input.extra_cols)
+        valid, rejected = validate_rows(rows)
+        sizes = shard_sizes(valid.height, cfg.samples_per_shard)
+        prepare_output(fs, out_path, out, {"digest": rows_digest(valid), "samples_per_shard": cfg.samples_per_shard,
+                                           "rows": rows.height, "valid": valid.height}, cfg.overwrite)
+        write_parquet(valid, join(out, "_input.parquet"))
+        write_parquet(rejected, join(out, "_rejected.parquet"))
+        save_config(config, join(out, "_config.yaml"))
+        done = complete_shards(fs, out_path, sizes)
+        todo = len(sizes) - len(done)
+        print(f"shard: {rows.height} rows from {path}: {valid.height} valid, {rejected.height} rejected; "
+              f"{len(sizes)} shards, {len(done)} already complete, {todo} to do")
+        if todo:
+            reader, downloader = img2dataset_parts(config, out, done)
+            with dask_client(cfg.scheduler, cfg.processes) as client:
+                print(f"shard: Dask dashboard {client.dashboard_link}")
+                dask_distributor(cfg.processes, downloader, reader, max(1, todo), cfg.max_shard_retry)
+        if fs.exists(join(out_path, "_tmp")):
+            fs.rm(join(out_path, "_tmp"), recursive=True)
+    summary = summarize(fs, out_path, sizes, rejected, time.time() - started, input_rows=rows.height)
+    write_json(join(out, "_summary.json"), summary)
+    record_stage(config, "shard", {"input": {"path": path, "format": fmt, "rows": rows.height},
+                                   "output": out, "shards": summary["shards"], "counts": summary["counts"]})
+    print_summary(summary)
+    return summary
+
+
+@contextlib.contextmanager
+def url_list(config: Config):
+    """The input list and its format; with no path, the demo world's list while the world is served."""
+    if config.shard.input.path:
+        yield config.shard.input.path, config.shard.input.format
+        return
+    if config.world is None:
+        raise ConfigError("shard.input.path is not set and the config has no world section: nothing to shard")
+    from pipelines.world import build_world, write_url_list
+    from pipelines.world_server import serve_world
+
+    world_dir = config.world_dir()
+    build_world(config.world, world_dir, config.seed)
+    with serve_world(world_dir, config.world.host, config.world.port, config.world.timeout_delay) as base_url:
+        tsv, _ = write_url_list(world_dir, base_url)
+        print(f"shard: serving the demo world at {base_url}")
+        yield tsv, "cc12m"
+
+
+def shard_sizes(n_rows: int, per_shard: int) -> list[int]:
+    return [min(per_shard, n_rows - i * per_shard) for i in range(math.ceil(n_rows / per_shard))]
+
+
+def prepare_output(fs, out_path: str, out: str, state: dict, overwrite: bool) -> None:
+    """Refuse to resume shards made from another list or split; start afresh when asked."""
+    if overwrite and fs.exists(out_path):
+        fs.rm(out_path, recursive=True)
+    previous = read_json(join(out, "_input.json"))
+    if previous and {k: previous[k] for k in ("digest", "samples_per_shard")} != \
+            {k: state[k] for k in ("digest", "samples_per_shard")}:
+        raise InputError(f"{out} holds shards made from a different url list or samples_per_shard; "
+                         "set shard.overwrite=true to discard them, or choose another shard.output")
+    fs.makedirs(out_path, exist_ok=True)
+    write_json(join(out, "_input.json"), state)
+
+
+def write_parquet(df: pl.DataFrame, path: str) -> None:
+    with fsspec.open(path + ".tmp", "wb") as f:
+        df.write_parquet(f)
+    fs, p = fsspec.core.url_to_fs(path)
+    fs.mv(p + ".tmp", p)
+
+
+def shard_name(shard_id: int) -> str:
+    return f"{shard_id:0{SHARD_DIGITS}d}"
+
+
+def complete_shards(fs, out_path: str, sizes: list[int]) -> set[int]:
+    done = set()
+    for shard_id, size in enumerate(sizes):
+        base = join(out_path, shard_name(shard_id))
+        if not (fs.exists(base + ".tar") and fs.exists(base + ".parquet")):
+            continue
+        stats = read_json(base + "_stats.json")
+        with fs.open(base + ".parquet", "rb") as f:
+            rows = pq.ParquetFile(f).metadata.num_rows
+        if stats and stats.get("count") == size == rows:
+            done.add(shard_id)
+    return done
+
+
+def img2dataset_parts(config: Config, out: str, done: set[int]) -> tuple[Reader, Downloader]:
+    """img2dataset's own Reader and Downloader, configured as its `download()` would."""
+    cfg = config.shard
+    reader = Reader(join(out, "_input.parquet"), "parquet", "url", "caption", None, None,
+                    ["row", *cfg.input.extra_cols], cfg.samples_per_shard, done, join(out, "_tmp"))
+    fs, tmp = fsspec.core.url_to_fs(join(out, "_tmp"))
+    fs.makedirs(tmp, exist_ok=True)
+    resizer = Resizer(image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=False,
+                      encode_quality=cfg.encode_quality, encode_format=cfg.encode_format,
+                      min_image_size=cfg.min_image_size, max_image_area=cfg.max_image_area or float("inf"),
+                      max_aspect_ratio=cfg.max_aspect_ratio or float("inf"))
+    downloader = Downloader(
+        sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=cfg.threads, save_caption=True,
+        extract_exif=cfg.extract_exif, output_folder=out, column_list=reader.column_list, timeout=cfg.timeout,
+        number_sample_per_shard=cfg.samples_per_shard, oom_shard_count=SHARD_DIGITS, compute_hash=cfg.compute_hash,
+        verify_hash_type=None, encode_format=cfg.encode_format, retries=cfg.retries, user_agent_token=None,
+        disallowed_header_directives=ROBOTS_DIRECTIVES)
+    return reader, downloader
+
+
+def failure_reason(error_message: str | None) -> str:
+    """Group img2dataset's free-text errors into stable reasons (no addresses, no per-url details)."""
+    if error_message is None:
+        return "unknown"
+    msg = error_message.lower()
+    if m := re.search(r"http error (\d{3})", msg):
+        return f"http {m.group(1)}"
+    for needle, reason in (("timed out", "timeout"), ("incompleteread", "truncated download"),
+                           ("image decoding error", "not an image"), ("connection refused", "connection refused"),
+                           ("name or service not known", "dns failure"), ("x-robots-tag", "opted out (X-Robots-Tag)")):
+        if needle in msg:
+            return reason
+    return re.sub(r"0x[0-9a-f]+|\d+", "N", error_message)[:80]
+
+
+def summarize(fs, out_path: str, sizes: list[int], rejected: pl.DataFrame, seconds: float, input_rows: int) -> dict:
+    names = [shard_name(i) for i in range(len(sizes))]
+    tables = [pl.read_parquet(fs.open(join(out_path, n + ".parquet"), "rb"), columns=["status", "error_message"])
+              for n in names if fs.exists(join(out_path, n + ".parquet"))]
+    downloaded = pl.concat(tables) if tables else pl.DataFrame(schema={"status": pl.String, "error_message": pl.String})
+    failures = pl.concat([downloaded.filter(pl.col("status") != "success"), rejected.select("status", "error_message")])
+    reasons = failures.with_columns(
+        reason=pl.col("error_message").map_elements(failure_reason, return_dtype=pl.String)
+    ).group_by("status", "reason").len().sort("len", "status", "reason", descending=[True, False, False])
+    successes = int((downloaded["status"] == "success").sum())
+    stats = [read_json(join(out_path, n + "_stats.json")) for n in names]
+    complete = [n for n, s in zip(names, stats) if s]
+    shard_seconds = sum(s["duration"] for s in stats if s)
+    return {
+        "shards": [n + ".tar" for n in complete],
+        "incomplete_shards": [n + ".tar" for n, s in zip(names, stats) if not s],
+        "counts": {"input_rows": input_rows, "rejected": rejected.height, "attempted": downloaded.height,
+                   "successes": successes, "failures": failures.height},
+        "failures_by_reason": [{"status": s, "reason": r, "count": c} for s, r, c in reasons.iter_rows()],
+        "seconds": round(seconds, 2),
+        "images_per_second": round(successes / seconds, 1) if seconds else None,
+        "shard_task_seconds": round(shard_seconds, 2),
+    }
+
+
+def print_summary(summary: dict) -> None:
+    c = summary["counts"]
+    missing = c["input_rows"] - c["successes"] - c["failures"]
+    state = "reconciled" if missing == 0 else f"{missing} ROWS UNACCOUNTED"
+    print(f"\nshard summary: {c['input_rows']} input rows = {c['successes']} samples + {c['failures']} failures"
+          f" ({state})")
+    for row in summary["failures_by_reason"]:
+        print(f"  {row['count']:>8}  {row['status']:<20} {row['reason']}")
+    if summary["incomplete_shards"]:
+        print(f"  incomplete shards (re-run to retry): {', '.join(summary['incomplete_shards'])}")
+    print(f"  {len(summary['shards'])} shards, {summary['seconds']} s, {summary['images_per_second']} images/s")

@@ -1,0 +1,151 @@
+"""Url lists in, validated rows out: what the shard stage hands to img2dataset's reader.
+
+Formats: CC3M TSV (caption<TAB>url), CC12M TSV (url<TAB>caption), CSV and Parquet with named
+columns. Structural problems (empty file, wrong delimiter, missing column) raise `InputError`
+naming the file; a bad row never raises: it becomes a rejected row with a reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import fsspec
+import polars as pl
+
+TSV_COLUMNS = {"cc3m": ("caption", "url"), "cc12m": ("url", "caption")}
+SNIFF_ROWS = 100
+SCHEME = r"^([A-Za-z][A-Za-z0-9+.-]*):"
+HOST = r"^[A-Za-z][A-Za-z0-9+.-]*://([^/?#@]*@)?([^/?#:]*)"  # RFC 3986 authority, userinfo skipped
+AUTHORITY = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*"
+
+# Stable reason strings: the summary counts failures by them.
+EMPTY_URL = "empty url"
+BAD_SCHEME = "unsupported url scheme"
+NO_HOST = "malformed url (no host)"
+DUPLICATE_URL = "duplicate url"
+EMPTY_CAPTION = "empty caption"
+BAD_UTF8 = "caption is not valid UTF-8"
+BAD_FIELDS = "malformed row (expected 2 tab-separated fields)"
+
+
+class InputError(ValueError):
+    """A url list that cannot be read as asked; the message names the file and what is wrong."""
+
+
+def read_url_list(path: str, fmt: str = "auto", url_col: str = "url", caption_col: str = "caption",
+                  extra_cols: list[str] = ()) -> pl.DataFrame:
+    """Read any supported url list into columns row, url, caption, *extra_cols (all strings but row)."""
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt in TSV_COLUMNS:
+        if extra_cols:
+            raise InputError(f"{path}: a {fmt} TSV has no named columns, so input.extra_cols cannot be used")
+        df = read_tsv(path, TSV_COLUMNS[fmt])
+    else:
+        df = read_table(path, fmt, url_col, caption_col, list(extra_cols))
+    if df.height == 0:
+        raise InputError(f"{path}: the url list is empty")
+    return df.with_row_index("row").with_columns(pl.col("row").cast(pl.Int64))
+
+
+def detect_format(path: str) -> str:
+    name = path.lower().removesuffix(".gz")
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(".csv"):
+        return "csv"
+    lines = [line.split("\t") for line in read_lines(path)[:SNIFF_ROWS] if line.strip()]
+    if not lines:
+        raise InputError(f"{path}: the url list is empty")
+    looks_like_url = [sum(is_url_like(f[i]) for f in lines if len(f) > i) for i in (0, 1)]
+    if max(looks_like_url) == 0:
+        raise InputError(f"{path}: cannot find a column of http(s) urls in the first {len(lines)} rows "
+                         "(tab-separated); set input.format to cc3m, cc12m, csv or parquet")
+    return "cc12m" if looks_like_url[0] >= looks_like_url[1] else "cc3m"
+
+
+def is_url_like(field: str) -> bool:
+    return field.strip().lower().startswith(("http://", "https://"))
+
+
+def read_lines(path: str) -> list[str]:
+    # Decoding with replacement keeps every row: a bad byte becomes U+FFFD, which validation reports.
+    with fsspec.open(path, "rb", compression="infer") as f:
+        text = f.read().decode("utf-8", errors="replace")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def read_tsv(path: str, columns: tuple[str, str]) -> pl.DataFrame:
+    lines = pl.Series("line", read_lines(path), dtype=pl.String)
+    if len(lines) and not lines.str.contains("\t", literal=True).any():
+        raise InputError(f"{path}: no tab in any of its {len(lines)} rows, but this format is "
+                         f"{columns[0]}<TAB>{columns[1]}; for a comma-separated file set input.format: csv")
+    fields = lines.str.split("\t")
+    return pl.DataFrame({
+        columns[0]: fields.list.get(0, null_on_oob=True),
+        columns[1]: fields.list.get(1, null_on_oob=True),
+        "n_fields": fields.list.len(),
+    }).select("url", "caption", "n_fields")
+
+
+def read_table(path: str, fmt: str, url_col: str, caption_col: str, extra_cols: list[str]) -> pl.DataFrame:
+    wanted = [url_col, caption_col, *extra_cols]
+    try:
+        with fsspec.open(path, "rb", compression="infer") as f:
+            if fmt == "parquet":
+                df = pl.read_parquet(f)
+            else:
+                df = pl.read_csv(f, infer_schema=False, encoding="utf8-lossy")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except Exception as err:  # polars/pyarrow errors are long; keep the first line
+        raise InputError(f"{path}: cannot read as {fmt}: {str(err).splitlines()[0]}") from None
+    missing = [c for c in wanted if c not in df.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {missing}; the file has {df.columns} "
+                         "(set input.url_col / input.caption_col)")
+    reserved = {"row", "key", "status", "error_message", "width", "height", "n_fields"} & set(extra_cols)
+    if reserved:
+        raise InputError(f"input.extra_cols: {sorted(reserved)} are reserved column names")
+    return df.select(pl.col(url_col).cast(pl.String).alias("url"),
+                     pl.col(caption_col).cast(pl.String).alias("caption"),
+                     *[pl.col(c) for c in extra_cols],
+                     pl.lit(2, pl.UInt32).alias("n_fields"))
+
+
+def validate_rows(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Split rows into (valid, rejected). Rejected rows keep their data plus an error_message."""
+    url = pl.col("url").fill_null("").str.strip_chars()
+    caption = pl.col("caption").fill_null("").str.strip_chars()
+    df = df.with_columns(url.alias("url"), caption.alias("caption"))
+    df = df.with_columns(scheme=pl.col("url").str.extract(SCHEME, 1).str.to_lowercase().fill_null(""),
+                         host=pl.col("url").str.extract(HOST, 2).fill_null(""))
+    reason = (
+        pl.when(pl.col("n_fields") != 2).then(pl.lit(BAD_FIELDS))
+        .when(pl.col("url") == "").then(pl.lit(EMPTY_URL))
+        .when(~pl.col("scheme").is_in(["http", "https"])).then(pl.lit(BAD_SCHEME))
+        .when(pl.col("host") == "").then(pl.lit(NO_HOST))
+        .when(pl.col("caption").str.contains("\ufffd", literal=True)).then(pl.lit(BAD_UTF8))
+        .when(pl.col("caption") == "").then(pl.lit(EMPTY_CAPTION))
+    )
+    df = df.with_columns(error_message=reason)
+    # Among otherwise valid rows the first occurrence of a url wins; later ones are duplicates.
+    first = pl.col("error_message").is_null() & pl.col("url").is_first_distinct().over(pl.col("error_message").is_null())
+    df = df.with_columns(error_message=pl.when(pl.col("error_message").is_null() & ~first)
+                         .then(pl.lit(DUPLICATE_URL)).otherwise(pl.col("error_message")))
+    keep = [c for c in df.columns if c not in ("n_fields", "scheme", "host", "error_message")]
+    valid = df.filter(pl.col("error_message").is_null()).select(keep)
+    rejected = df.filter(pl.col("error_message").is_not_null()).select(
+        *keep, pl.lit("failed_to_validate").alias("status"), "error_message")
+    return valid, rejected
+
+
+def rows_digest(df: pl.DataFrame) -> str:
+    """Identity of a validated list for resuming: rows, captions and url paths.
+
+    The url's host is left out so a re-served demo world (a new loopback port) still resumes.
+    """
+    lines = df.select(pl.concat_str(pl.col("row").cast(pl.String), pl.col("url").str.replace(AUTHORITY, ""),
+                                    "caption", separator="\t"))
+    return hashlib.sha256("\n".join(lines.to_series().to_list()).encode()).hexdigest()
