@@ -1,0 +1,72 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.config import ConfigError, dump_config, load_config, save_config, validate
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    config = load_config(path)
+    assert config.stages
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("shard:\n  thread: 4\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'shard.thread' \(did you mean 'threads'\?\)") as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+
+
+def test_unknown_nested_key_lists_known_keys():
+    with pytest.raises(ConfigError, match=r"'world.noise.typo'.*swapped_caption"):
+        load_config(None, ["world.noise.typo=0.1"])
+
+
+def test_ill_typed_key_is_named():
+    with pytest.raises(ConfigError, match=r"key 'shard.processes'.*integer.*'many'"):
+        load_config(None, ["shard.processes=many"])
+    with pytest.raises(ConfigError, match=r"key 'world.noise.swapped_caption'.*less than or equal to 1"):
+        load_config(None, ["world.noise.swapped_caption=1.5"])
+    with pytest.raises(ConfigError, match=r"key 'stages.0'"):
+        load_config(None, ["stages=[shrad]"])
+
+
+def test_overrides_are_typed_and_nested():
+    config = load_config(None, ["shard.processes=5", "world.n_train=123", "shard.input.extra_cols=[a, b]"])
+    assert config.shard.processes == 5 and isinstance(config.shard.processes, int)
+    assert config.world.n_train == 123
+    assert config.shard.input.extra_cols == ["a", "b"]
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(None, ["shard.processes"])
+    with pytest.raises(ConfigError, match="'seed' is a value, not a section"):
+        load_config(None, ["seed=1", "seed.x=1"])
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("shard: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.yaml")
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(listy)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(None, ["world.n_train=7", "shard.max_image_area=1e6"])
+    path = tmp_path / "resolved.yaml"
+    save_config(config, str(path))
+    again = validate(yaml.safe_load(path.read_text()))
+    assert again == config
+    assert dump_config(again) == path.read_text()
