@@ -68,8 +68,11 @@ def is_url_like(field: str) -> bool:
 
 def read_lines(path: str) -> list[str]:
     # Decoding with replacement keeps every row: a bad byte becomes U+FFFD, which validation reports.
-    with fsspec.open(path, "rb", compression="infer") as f:
-        text = f.read().decode("utf-8", errors="replace")
+    try:
+        with fsspec.open(path, "rb", compression="infer") as f:
+            text = f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()

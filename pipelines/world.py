@@ -1,0 +1,289 @@
+"""The demo world: a procedurally generated image-caption dataset whose noise is known.
+
+Images hold 1-3 coloured shapes on a quiet background; captions describe them with several
+templates and synonyms, some only partly. The train split carries injected noise (swapped
+captions, one wrong attribute, web boilerplate, near-duplicate images with a wrong caption) and
+`truth.parquet` records which rows are noisy and how, so noise detection and soft targets can be
+scored against ground truth. Val and test are clean WebDataset tars.
+
+Every item comes from its own RNG, `default_rng([seed, split, index, stream])`, so any item can be
+regenerated alone and the same seed and config give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+from PIL import Image, ImageDraw
+
+from pipelines.config import WorldConfig
+
+TRAIN, VAL, TEST, FAIL = 0, 1, 2, 3  # split ids in the RNG keys
+ATTRS = ("shape", "colour", "size", "position")
+SHAPES = ("circle", "square", "triangle", "star", "cross", "heart")
+COLOURS = {"red": (215, 35, 35), "green": (35, 160, 60), "blue": (40, 80, 220),
+           "yellow": (235, 205, 30), "purple": (135, 50, 175), "orange": (240, 130, 25)}
+SIZES = {"small": 0.21, "large": 0.32}  # box side / image side: small >= 1/5, large clearly larger
+# Object centres (x, y) as fractions: any two large boxes at different positions do not overlap.
+POSITIONS = {"left": (0.17, 0.5), "right": (0.83, 0.5), "top": (0.5, 0.17), "bottom": (0.5, 0.83),
+             "centre": (0.5, 0.5)}
+VOCAB = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "position": tuple(POSITIONS)}
+# Every word is one token, so a wrong attribute changes exactly one word of a caption.
+WORDS = {
+    "shape": {"circle": ["circle", "disc"], "square": ["square", "box"], "triangle": ["triangle"],
+              "star": ["star"], "cross": ["cross", "plus"], "heart": ["heart"]},
+    "colour": {c: [c] for c in COLOURS} | {"purple": ["purple", "violet"]},
+    "size": {"small": ["small", "little"], "large": ["large", "big"]},
+    "position": {p: [p] for p in POSITIONS} | {"centre": ["centre", "middle"]},
+}
+SHAPE_ADJECTIVES = {"circle": "round", "square": "square", "triangle": "triangular", "star": "star-shaped",
+                    "cross": "cross-shaped", "heart": "heart-shaped"}
+NOUNS = ("thing", "object", "shape")  # when a partial caption leaves out the shape
+SENTENCE_TEMPLATES = ("a photo of {}", "there is {}", "an image showing {}", "a picture of {}", "{}")
+TERSE_TEMPLATES = ("{}", "photo: {}")
+POSITION_FRAMES = ("at the {}", "towards the {}", "in the {} part")
+BOILERPLATE = ("click to enlarge", "image may contain: outdoor", "image may contain: one or more people",
+               "stock photo", "thumbnail", "no description available", "untitled", "view full size",
+               "royalty free stock image", "free download", "placeholder image", "add to cart",
+               "IMG_{}.JPG", "DSC_{}.jpg", "photo {} of {}")
+NOISE_TYPES = ("swapped_caption", "wrong_attribute", "boilerplate", "near_duplicate")
+SERVING_KEYS = ("dir", "host", "port", "timeout_delay")  # do not change the content
+
+
+# ---------------------------------------------------------------- scenes and images
+def make_scene(seed: int, split: int, index: int) -> dict:
+    """Objects, their exact placement and colour, and the background of one item."""
+    rng = np.random.default_rng([seed, split, index])
+    n = int(rng.choice([1, 2, 3], p=[0.45, 0.35, 0.2]))
+    places = rng.choice(len(POSITIONS), n, replace=False)
+    objects = [{"shape": SHAPES[rng.integers(6)], "colour": VOCAB["colour"][rng.integers(6)],
+                "size": VOCAB["size"][rng.integers(2)], "position": VOCAB["position"][p]} for p in places]
+    objects.sort(key=lambda o: o["size"] != "large")  # object 0 is the (first) largest
+    centres = [POSITIONS[o["position"]] for o in objects]
+    jittered = [(x + rng.uniform(-0.02, 0.02), y + rng.uniform(-0.02, 0.02)) for x, y in centres]
+    if not overlaps(objects, jittered):  # without jitter the layout never overlaps
+        centres = jittered
+    rgbs = [tuple(int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in COLOURS[o["colour"]]) for o in objects]
+    grey, warm = rng.uniform(100, 215, 2), rng.uniform(0, 1, 2)  # low saturation: greys to beiges
+    tones = [tuple(float(g + w * t) for t in (10, 4, -14)) for g, w in zip(grey, warm)]
+    background = {"kind": ("flat", "gradient", "texture")[rng.integers(3)], "tones": tones,
+                  "angle": float(rng.uniform(0, 2 * np.pi)), "texture_seed": int(rng.integers(2**31))}
+    return {"objects": objects, "centres": centres, "rgbs": rgbs, "background": background}
+
+
+def overlaps(objects: list[dict], centres: list[tuple]) -> bool:
+    half = [SIZES[o["size"]] / 2 for o in objects]
+    return any(abs(a[0] - b[0]) < ha + hb and abs(a[1] - b[1]) < ha + hb
+               for (a, ha), (b, hb) in itertools.combinations(zip(centres, half), 2))
+
+
+def background(bg: dict, size: int) -> np.ndarray:
+    first, second = (np.array(t, np.float32) for t in bg["tones"])
+    if bg["kind"] == "gradient":
+        t = np.linspace(0, 1, size, dtype=np.float32)
+        ramp = np.cos(bg["angle"]) * t[None, :] + np.sin(bg["angle"]) * t[:, None]
+        ramp = (ramp - ramp.min()) / (np.ptp(ramp) + 1e-6)
+        pixels = first + ramp[..., None] * (second - first)
+    elif bg["kind"] == "texture":  # grey noise: texture without colour
+        pixels = first + np.random.default_rng(bg["texture_seed"]).normal(0, 7, (size, size, 1)).astype(np.float32)
+    else:
+        pixels = np.broadcast_to(first, (size, size, 3))
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, rgb: tuple) -> None:
+    """One filled shape inside the box of half-side r around (cx, cy)."""
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)
+    elif shape == "square":
+        s = 0.85 * r  # a full box would look bigger than the circle of the same size
+        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=rgb)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=rgb)
+    elif shape == "star":
+        angles = -np.pi / 2 + np.arange(10) * np.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
+        draw.polygon(list(zip(cx + radii * np.cos(angles), cy + radii * np.sin(angles))), fill=rgb)
+    elif shape == "cross":
+        w = 0.32 * r
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=rgb)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=rgb)
+    else:  # heart: two lobes over a point
+        lobe = 0.5 * r
+        for x in (cx - lobe, cx + lobe):
+            draw.ellipse([x - lobe, cy - r, x + lobe, cy - r + 2 * lobe], fill=rgb)
+        draw.polygon([(cx - r, cy - 0.35 * r), (cx + r, cy - 0.35 * r), (cx, cy + r)], fill=rgb)
+
+
+def render(scene: dict, size: int) -> Image.Image:
+    image = Image.fromarray(background(scene["background"], size))
+    draw = ImageDraw.Draw(image)
+    for obj, (x, y), rgb in zip(scene["objects"], scene["centres"], scene["rgbs"]):
+        draw_shape(draw, obj["shape"], x * size, y * size, SIZES[obj["size"]] * size / 2, rgb)
+    return image
+
+
+def near_duplicate(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A small shift, a brightness change and a lossy re-encode of the same picture."""
+    size = image.size[0]
+    dx, dy = rng.integers(-2, 3, 2)
+    pixels = np.pad(np.asarray(image, np.float32), ((2, 2), (2, 2), (0, 0)), mode="edge")
+    pixels = pixels[2 + dy:2 + dy + size, 2 + dx:2 + dx + size] * rng.uniform(0.9, 1.1)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=int(rng.integers(50, 80)))
+    return Image.open(buffer).convert("RGB")
+
+
+def jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- captions
+def make_caption(objects: list[dict], rng: np.random.Generator, partial_rate: float) -> tuple[str, dict]:
+    """A caption and its spec: the mentioned attributes of each mentioned object plus the wording."""
+    partial = bool(rng.random() < partial_rate)
+    mentions = [dict(o) for o in objects]
+    if partial:  # some objects, each with 1-3 of its 4 attributes
+        chosen = sorted(rng.choice(len(objects), rng.integers(1, len(objects) + 1), replace=False))
+        mentions = [{a: objects[k][a] for a in sorted(rng.choice(ATTRS, rng.integers(1, 4), replace=False),
+                                                      key=ATTRS.index)} for k in chosen]
+    wording = {"terse": bool(rng.random() < 0.3), "template": int(rng.integers(60)),
+               "frame": int(rng.integers(len(POSITION_FRAMES))), "noun": int(rng.integers(len(NOUNS))),
+               "adjective": bool(rng.random() < 0.5), "synonyms": [int(s) for s in rng.integers(0, 2, 4)]}
+    spec = {"mentions": mentions, "wording": wording, "partial": partial}
+    return render_caption(spec), spec
+
+
+def word(attr: str, value: str, wording: dict) -> str:
+    options = WORDS[attr][value]
+    return options[wording["synonyms"][ATTRS.index(attr)] % len(options)]
+
+
+def object_phrase(mention: dict, wording: dict) -> str:
+    if set(mention) == {"shape"} and wording["adjective"]:
+        return "something " + SHAPE_ADJECTIVES[mention["shape"]]
+    words = [word(a, mention[a], wording) for a in ("size", "colour") if a in mention]
+    words.append(word("shape", mention["shape"], wording) if "shape" in mention else NOUNS[wording["noun"]])
+    text = " ".join(words)
+    if not wording["terse"]:
+        text = ("an " if text[0] in "aeiou" else "a ") + text
+    if "position" in mention:
+        where = word("position", mention["position"], wording)
+        text += f", {where}" if wording["terse"] else " " + POSITION_FRAMES[wording["frame"]].format(where)
+    return text
+
+
+def render_caption(spec: dict) -> str:
+    wording = spec["wording"]
+    phrases = [object_phrase(m, wording) for m in spec["mentions"]]
+    if wording["terse"]:
+        return TERSE_TEMPLATES[wording["template"] % len(TERSE_TEMPLATES)].format("; ".join(phrases))
+    body = phrases[-1] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return SENTENCE_TEMPLATES[wording["template"] % len(SENTENCE_TEMPLATES)].format(body)
+
+
+def describes(mentions: list[dict], objects: list[dict]) -> bool:
+    """True when distinct objects of the scene match every mentioned attribute."""
+    return any(all(o[a] == m[a] for m, o in zip(mentions, chosen) for a in m)
+               for chosen in itertools.permutations(objects, len(mentions)))
+
+
+def wrong_attribute(spec: dict, objects: list[dict], rng: np.random.Generator) -> str | None:
+    """The caption with one attribute word replaced so that it no longer fits the image (None: impossible)."""
+    clean = render_caption(spec).split()
+    candidates = [(k, a, v) for k, m in enumerate(spec["mentions"]) for a in m for v in VOCAB[a] if v != m[a]]
+    for pick in rng.permutation(len(candidates)):
+        k, attr, value = candidates[pick]
+        mentions = [dict(m) for m in spec["mentions"]]
+        mentions[k][attr] = value
+        text = render_caption({**spec, "mentions": mentions})
+        changed = [a != b for a, b in zip(clean, text.split())]  # "a red" -> "an orange" changes two words
+        if len(text.split()) == len(clean) and sum(changed) == 1 and not describes(mentions, objects):
+            return text
+    return None
+
+
+def boilerplate(rng: np.random.Generator) -> str:
+    template = BOILERPLATE[rng.integers(len(BOILERPLATE))]
+    if template.startswith("photo"):
+        total = int(rng.integers(2, 30))
+        return template.format(int(rng.integers(1, total + 1)), total)
+    return template.format(f"{int(rng.integers(10000)):04d}")
+
+
+def boilerplate_regex() -> re.Pattern:
+    return re.compile("|".join(re.escape(t).replace(r"\{\}", r"\d+") for t in BOILERPLATE))
+
+
+# ---------------------------------------------------------------- noise
+def pick_noise(n: int, cfg: WorldConfig, seed: int) -> tuple[list[str], list[int], dict]:
+    """Disjoint noisy sets, the clean near-duplicates and the originals they copy."""
+    counts = {t: round(getattr(cfg.noise, t) * n) for t in NOISE_TYPES}
+    order = np.random.default_rng([seed, 100]).permutation(n)
+    pool_size = n - sum(counts.values()) - counts["near_duplicate"]
+    if pool_size < 1 and counts["near_duplicate"] or pool_size < 0:
+        raise ValueError(f"world.noise fractions {counts} leave no clean train items out of n_train={n}")
+    kinds, dup_of, start = ["clean"] * n, [-1] * n, 0
+    for kind in NOISE_TYPES:
+        for i in order[start:start + counts[kind]]:
+            kinds[i] = kind
+        start += counts[kind]
+    dups = list(order[start - counts["near_duplicate"]:start + counts["near_duplicate"]])
+    pool = order[start + counts["near_duplicate"]:]
+    if dups:  # distinct originals, all clean, when there are enough
+        originals = np.random.default_rng([seed, 101]).choice(pool, len(dups), replace=len(pool) < len(dups))
+        for i, j in zip(dups, originals):
+            dup_of[i] = int(j)
+    return kinds, dup_of, counts
+
+
+def derange(targets: list[int], specs: list[dict], objects: list[list[dict]], rng) -> dict[int, int]:
+    """target -> donor: a permutation of the targets' own captions in which no caption fits its new image."""
+    order = [int(t) for t in rng.permutation(targets)]
+    if len(order) == 1:  # nothing to permute with: borrow from a neighbour
+        order.append((order[0] + 1) % len(specs))
+    donor = dict(zip(order, order[1:] + order[:1]))  # one cycle: nobody keeps their own
+    donor = {t: donor[t] for t in targets}
+
+    def fits(t: int) -> bool:
+        return donor[t] == t or describes(specs[donor[t]]["mentions"], objects[t])
+
+    for t in list(donor):
+        for _ in range(200):
+            if not fits(t):
+                break
+            u = int(rng.choice(targets))
+            donor[t], donor[u] = donor[u], donor[t]
+            if fits(u):  # keep a swap only if it does not break the other target
+                donor[t], donor[u] = donor[u], donor[t]
+    return donor
+
+
+def fresh_caption(seed: int, index: int, objects: list[dict], avoid: str, partial_rate: float) -> tuple[str, dict]:
+    """A correct caption worded differently from `avoid` (for a near-duplicate of another item)."""
+    for attempt in range(100):
+        text, spec = make_caption(objects, np.random.default_rng([seed, TRAIN, index, 3, attempt]), partial_rate)
+        if text != avoid:
+            break
+    return text, spec
+
+
+def other_scene_caption(seed: int, index: int, objects, specs, captions) -> str:
+    """The clean caption of some other item that does not fit this image."""
+    rng = np.random.default_rng([seed, TRAIN, index, 6])
+    for _ in range(1000):
+        k = int(rng.integers(len(specs)))
+        if k != index and not describes(specs[k]["mentions"], objects):
+            break
+    return captions[k]
