@@ -232,7 +232,7 @@ def pick_noise(n: int, cfg: WorldConfig, seed: int) -> tuple[list[str], list[int
     counts = {t: round(getattr(cfg.noise, t) * n) for t in NOISE_TYPES}
     order = np.random.default_rng([seed, 100]).permutation(n)
     pool_size = n - sum(counts.values()) - counts["near_duplicate"]
-    if pool_size < 1 and counts["near_duplicate"] or pool_size < 0:
+    if pool_size < 0 or (counts["near_duplicate"] and pool_size < 1):
         raise ValueError(f"world.noise fractions {counts} leave no clean train items out of n_train={n}")
     kinds, dup_of, start = ["clean"] * n, [-1] * n, 0
     for kind in NOISE_TYPES:
@@ -256,16 +256,16 @@ def derange(targets: list[int], specs: list[dict], objects: list[list[dict]], rn
     donor = dict(zip(order, order[1:] + order[:1]))  # one cycle: nobody keeps their own
     donor = {t: donor[t] for t in targets}
 
-    def fits(t: int) -> bool:
+    def bad(t: int) -> bool:
         return donor[t] == t or describes(specs[donor[t]]["mentions"], objects[t])
 
     for t in list(donor):
         for _ in range(200):
-            if not fits(t):
+            if not bad(t):
                 break
             u = int(rng.choice(targets))
             donor[t], donor[u] = donor[u], donor[t]
-            if fits(u):  # keep a swap only if it does not break the other target
+            if bad(u):  # keep a swap only if it does not break the other target
                 donor[t], donor[u] = donor[u], donor[t]
     return donor
 
