@@ -77,7 +77,7 @@ def test_demo_world_to_webdataset_end_to_end(sharded):
     rows = pl.read_parquet(shard_dir / "0*.parquet")
     assert rows.height == N_TRAIN + sum(FAILING.values())
     failed = duckdb.sql(f"select count(*) from '{shard_dir}/0*.parquet' where status != 'success' "
-                        "and error_message is not null").fetchone()[0]
+                        "and error_message is not null").fetchall()[0][0]
     assert failed == sum(FAILING.values())
 
     manifest = json.loads((base / "root" / "manifest.json").read_text())
