@@ -44,7 +44,8 @@ def peak_rss(proc: subprocess.Popen, stop: threading.Event, out: list) -> None:
     out.append(peak)
 
 
-def timed(cmd: list[str]) -> tuple[float, int]:
+def timed(cmd: list[str], out: Path) -> tuple[float, int]:
+    shutil.rmtree(out, ignore_errors=True)  # a fresh output each run (img2dataset's own overwrite mode is broken)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     stop, peak = threading.Event(), []
@@ -63,7 +64,7 @@ def softcurate_cmd(urls: Path, out: Path) -> list[str]:
     s = SETTINGS
     return [str(BIN / "softcurate"), "shard", "--input", str(urls), "--format", "cc12m", "--root", str(out),
             "--processes", str(s["processes"]), "--threads", str(s["threads"]), "--image-size", str(s["image_size"]),
-            "--samples-per-shard", str(s["samples_per_shard"]), "--overwrite"]
+            "--samples-per-shard", str(s["samples_per_shard"])]
 
 
 def img2dataset_cmd(urls: Path, out: Path) -> list[str]:
@@ -72,8 +73,7 @@ def img2dataset_cmd(urls: Path, out: Path) -> list[str]:
             "--caption_col", "caption", "--output_format", "webdataset", "--output_folder", str(out),
             "--processes_count", str(s["processes"]), "--thread_count", str(s["threads"]),
             "--image_size", str(s["image_size"]), "--number_sample_per_shard", str(s["samples_per_shard"]),
-            "--resize_mode", "border", "--compute_hash", "sha256", "--extract_exif", "False",
-            "--incremental_mode", "overwrite", "--enable_wandb", "False"]
+            "--resize_mode", "border", "--compute_hash", "sha256", "--extract_exif", "False", "--enable_wandb", "False"]
 
 
 def count_successes(folder: Path) -> int:
@@ -103,17 +103,17 @@ def main() -> None:
         with serve_world(str(small)) as base_small, serve_world(str(large)) as base_large:
             tsv, parquet = write_url_list(str(small), base_small)
             for r in range(args.rounds):
-                for name, cmd in (("softcurate", softcurate_cmd(Path(tsv), tmp / "sc")),
-                                  ("img2dataset", img2dataset_cmd(Path(parquet), tmp / "i2d"))):
-                    seconds, peak = timed(cmd)
-                    done = count_successes(tmp / ("sc" if name == "softcurate" else "i2d"))
+                for name, cmd, out in (("softcurate", softcurate_cmd(Path(tsv), tmp / "sc"), tmp / "sc"),
+                                       ("img2dataset", img2dataset_cmd(Path(parquet), tmp / "i2d"), tmp / "i2d")):
+                    seconds, peak = timed(cmd, out)
+                    done = count_successes(out)
                     assert done == args.n, f"{name} stored {done} of {args.n} images"
                     rates[name].append(done / seconds)
                     peaks[f"{name} 1x"] = max(peaks.get(f"{name} 1x", 0), peak)
                     print(f"round {r + 1}: {name:<11} {seconds:6.2f} s  {done / seconds:8.1f} images/s  "
                           f"peak {peak / 2**20:7.0f} MiB", flush=True)
             tsv4, _ = write_url_list(str(large), base_large)
-            seconds, peak = timed(softcurate_cmd(Path(tsv4), tmp / "sc4"))
+            seconds, peak = timed(softcurate_cmd(Path(tsv4), tmp / "sc4"), tmp / "sc4")
             peaks["softcurate 4x"] = peak
             print(f"4x list: softcurate {seconds:6.2f} s  {4 * args.n / seconds:8.1f} images/s  "
                   f"peak {peak / 2**20:7.0f} MiB", flush=True)

@@ -22,7 +22,6 @@ import shutil
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 from PIL import Image, ImageDraw
 
 from pipelines.config import WorldConfig
@@ -50,7 +49,7 @@ SHAPE_ADJECTIVES = {"circle": "round", "square": "square", "triangle": "triangul
 NOUNS = ("thing", "object", "shape")  # when a partial caption leaves out the shape
 SENTENCE_TEMPLATES = ("a photo of {}", "there is {}", "an image showing {}", "a picture of {}", "{}")
 TERSE_TEMPLATES = ("{}", "photo: {}")
-POSITION_FRAMES = ("at the {}", "towards the {}", "in the {} part")
+POSITION_FRAMES = ("at the {}", "towards the {}", "in the {} area")
 BOILERPLATE = ("click to enlarge", "image may contain: outdoor", "image may contain: one or more people",
                "stock photo", "thumbnail", "no description available", "untitled", "view full size",
                "royalty free stock image", "free download", "placeholder image", "add to cart",
@@ -63,18 +62,20 @@ SERVING_KEYS = ("dir", "host", "port", "timeout_delay")  # do not change the con
 def make_scene(seed: int, split: int, index: int) -> dict:
     """Objects, their exact placement and colour, and the background of one item."""
     rng = np.random.default_rng([seed, split, index])
-    n = int(rng.choice([1, 2, 3], p=[0.45, 0.35, 0.2]))
-    places = rng.choice(len(POSITIONS), n, replace=False)
-    objects = [{"shape": SHAPES[rng.integers(6)], "colour": VOCAB["colour"][rng.integers(6)],
-                "size": VOCAB["size"][rng.integers(2)], "position": VOCAB["position"][p]} for p in places]
+    n = 1 + int(rng.random() > 0.45) + int(rng.random() > 0.6)  # 1, 2 or 3 objects, fewer more often
+    places = rng.permutation(len(POSITIONS))[:n]  # distinct positions
+    shapes, colours, sizes = rng.integers(6, size=n), rng.integers(6, size=n), rng.integers(2, size=n)
+    objects = [{"shape": SHAPES[s], "colour": VOCAB["colour"][c], "size": VOCAB["size"][z],
+                "position": VOCAB["position"][p]} for p, s, c, z in zip(places, shapes, colours, sizes)]
     objects.sort(key=lambda o: o["size"] != "large")  # object 0 is the (first) largest
     centres = [POSITIONS[o["position"]] for o in objects]
-    jittered = [(x + rng.uniform(-0.02, 0.02), y + rng.uniform(-0.02, 0.02)) for x, y in centres]
+    jittered = [tuple(c + rng.uniform(-0.02, 0.02, 2)) for c in centres]
     if not overlaps(objects, jittered):  # without jitter the layout never overlaps
         centres = jittered
-    rgbs = [tuple(int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in COLOURS[o["colour"]]) for o in objects]
+    rgbs = [tuple(min(255, max(0, c + int(d))) for c, d in zip(COLOURS[o["colour"]], rng.integers(-15, 16, 3)))
+            for o in objects]
     grey, warm = rng.uniform(100, 215, 2), rng.uniform(0, 1, 2)  # low saturation: greys to beiges
-    tones = [tuple(float(g + w * t) for t in (10, 4, -14)) for g, w in zip(grey, warm)]
+    tones = [tuple(int(g + w * t) for t in (10, 4, -14)) for g, w in zip(grey, warm)]
     background = {"kind": ("flat", "gradient", "texture")[rng.integers(3)], "tones": tones,
                   "angle": float(rng.uniform(0, 2 * np.pi)), "texture_seed": int(rng.integers(2**31))}
     return {"objects": objects, "centres": centres, "rgbs": rgbs, "background": background}
@@ -86,18 +87,18 @@ def overlaps(objects: list[dict], centres: list[tuple]) -> bool:
                for (a, ha), (b, hb) in itertools.combinations(zip(centres, half), 2))
 
 
-def background(bg: dict, size: int) -> np.ndarray:
+def background(bg: dict, size: int) -> Image.Image:
+    if bg["kind"] == "flat":
+        return Image.new("RGB", (size, size), bg["tones"][0])
     first, second = (np.array(t, np.float32) for t in bg["tones"])
     if bg["kind"] == "gradient":
         t = np.linspace(0, 1, size, dtype=np.float32)
         ramp = np.cos(bg["angle"]) * t[None, :] + np.sin(bg["angle"]) * t[:, None]
         ramp = (ramp - ramp.min()) / (np.ptp(ramp) + 1e-6)
         pixels = first + ramp[..., None] * (second - first)
-    elif bg["kind"] == "texture":  # grey noise: texture without colour
+    else:  # grey noise: texture without colour
         pixels = first + np.random.default_rng(bg["texture_seed"]).normal(0, 7, (size, size, 1)).astype(np.float32)
-    else:
-        pixels = np.broadcast_to(first, (size, size, 3))
-    return np.clip(pixels, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, rgb: tuple) -> None:
@@ -125,7 +126,7 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
 
 
 def render(scene: dict, size: int) -> Image.Image:
-    image = Image.fromarray(background(scene["background"], size))
+    image = background(scene["background"], size)
     draw = ImageDraw.Draw(image)
     for obj, (x, y), rgb in zip(scene["objects"], scene["centres"], scene["rgbs"]):
         draw_shape(draw, obj["shape"], x * size, y * size, SIZES[obj["size"]] * size / 2, rgb)
@@ -133,13 +134,13 @@ def render(scene: dict, size: int) -> Image.Image:
 
 
 def near_duplicate(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """A small shift, a brightness change and a lossy re-encode of the same picture."""
+    """A one-pixel shift, a brightness change and a lossy re-encode of the same picture."""
     size = image.size[0]
-    dx, dy = rng.integers(-2, 3, 2)
-    pixels = np.pad(np.asarray(image, np.float32), ((2, 2), (2, 2), (0, 0)), mode="edge")
-    pixels = pixels[2 + dy:2 + dy + size, 2 + dx:2 + dx + size] * rng.uniform(0.9, 1.1)
+    dx, dy = rng.integers(-1, 2, 2)
+    pixels = np.pad(np.asarray(image, np.float32), ((1, 1), (1, 1), (0, 0)), mode="edge")
+    pixels = pixels[1 + dy:1 + dy + size, 1 + dx:1 + dx + size] * rng.uniform(0.96, 1.04)
     buffer = io.BytesIO()
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=int(rng.integers(50, 80)))
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=int(rng.integers(60, 85)))
     return Image.open(buffer).convert("RGB")
 
 
@@ -153,14 +154,14 @@ def jpeg(image: Image.Image) -> bytes:
 def make_caption(objects: list[dict], rng: np.random.Generator, partial_rate: float) -> tuple[str, dict]:
     """A caption and its spec: the mentioned attributes of each mentioned object plus the wording."""
     partial = bool(rng.random() < partial_rate)
-    mentions = [dict(o) for o in objects]
+    mentions = list(objects)  # shares the dicts: nothing mutates a mention in place
     if partial:  # some objects, each with 1-3 of its 4 attributes
         chosen = sorted(rng.choice(len(objects), rng.integers(1, len(objects) + 1), replace=False))
         mentions = [{a: objects[k][a] for a in sorted(rng.choice(ATTRS, rng.integers(1, 4), replace=False),
                                                       key=ATTRS.index)} for k in chosen]
-    wording = {"terse": bool(rng.random() < 0.3), "template": int(rng.integers(60)),
+    wording = {"terse": bool(rng.random() < 0.3), "template": int(rng.integers(60)),  # 60: uniform mod 2, 3 and 5
                "frame": int(rng.integers(len(POSITION_FRAMES))), "noun": int(rng.integers(len(NOUNS))),
-               "adjective": bool(rng.random() < 0.5), "synonyms": [int(s) for s in rng.integers(0, 2, 4)]}
+               "adjective": bool(rng.random() < 0.5), "synonyms": tuple(int(s) for s in rng.integers(0, 2, 4))}
     spec = {"mentions": mentions, "wording": wording, "partial": partial}
     return render_caption(spec), spec
 
@@ -287,3 +288,182 @@ def other_scene_caption(seed: int, index: int, objects, specs, captions) -> str:
         if k != index and not describes(specs[k]["mentions"], objects):
             break
     return captions[k]
+
+
+# ---------------------------------------------------------------- building the world
+def build_world(cfg: WorldConfig, out_dir: str, seed: int) -> dict:
+    """Write images/, truth.parquet, val.tar, test.tar and (last) world.json; reuse a finished identical world."""
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0 for the world's RNGs, got {seed}")
+    meta_path = os.path.join(out_dir, "world.json")
+    previous = read_meta(out_dir, missing_ok=True)
+    if previous and same_world(previous, cfg, seed):
+        return summary(previous, out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(meta_path):  # the old world stops being complete as soon as we touch it
+        os.remove(meta_path)
+    noise_counts, partial = build_train(cfg, out_dir, seed)
+    write_split(os.path.join(out_dir, "val.tar"), seed, VAL, cfg.n_val, cfg)
+    write_split(os.path.join(out_dir, "test.tar"), seed, TEST, cfg.n_test, cfg)
+    meta = {"config": cfg.model_dump(mode="json"), "seed": seed,
+            "n_train": cfg.n_train, "n_val": cfg.n_val, "n_test": cfg.n_test,
+            "noise_counts": noise_counts, "clean_near_duplicates": noise_counts["near_duplicate"],
+            "partial_train_captions": partial,
+            "vocab": {a: list(VOCAB[a]) for a in ATTRS}, "words": WORDS, "shape_adjectives": SHAPE_ADJECTIVES,
+            "nouns": list(NOUNS),
+            "templates": {"sentence": list(SENTENCE_TEMPLATES), "terse": list(TERSE_TEMPLATES),
+                          "position_frames": list(POSITION_FRAMES), "boilerplate": list(BOILERPLATE)}}
+    write_atomic(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+    return summary(meta, out_dir)
+
+
+def same_world(meta: dict, cfg: WorldConfig, seed: int) -> bool:
+    """Same content parameters and seed (where and how the world is served does not matter)."""
+    content = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in SERVING_KEYS}
+    return meta.get("seed") == seed and {k: v for k, v in meta.get("config", {}).items()
+                                         if k not in SERVING_KEYS} == content
+
+
+def summary(meta: dict, out_dir: str) -> dict:
+    return {"n_train": meta["n_train"], "n_val": meta["n_val"], "n_test": meta["n_test"],
+            "noise_counts": meta["noise_counts"], "dir": out_dir}
+
+
+def build_train(cfg: WorldConfig, out_dir: str, seed: int) -> tuple[dict, int]:
+    """images/ (written as we go), then the published captions with their noise, then truth.parquet."""
+    kinds, dup_of, counts = pick_noise(cfg.n_train, cfg, seed)
+    staging = os.path.join(out_dir, "images.partial")
+    objects, clean, specs = write_train_images(cfg, seed, dup_of, staging)
+    captions = add_caption_noise(seed, kinds, objects, clean, specs)
+    table = truth_table(captions, clean, kinds, dup_of, objects, specs)
+    images = os.path.join(out_dir, "images")
+    shutil.rmtree(images, ignore_errors=True)
+    os.replace(staging, images)
+    pq.write_table(table, os.path.join(out_dir, "truth.parquet.partial"))
+    os.replace(os.path.join(out_dir, "truth.parquet.partial"), os.path.join(out_dir, "truth.parquet"))
+    return {"clean": kinds.count("clean")} | counts, sum(s["partial"] for s in specs)
+
+
+def write_train_images(cfg: WorldConfig, seed: int, dup_of: list[int], staging: str) -> tuple[list, list, list]:
+    """Every train image into `staging`; returns each item's objects and correct caption (with its spec)."""
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    objects, captions, specs = [], [], []
+    for i, j in enumerate(dup_of):
+        scene = make_scene(seed, TRAIN, j if j >= 0 else i)
+        image = render(scene, cfg.image_size)
+        if j >= 0:
+            image = near_duplicate(image, np.random.default_rng([seed, TRAIN, i, 2]))
+        with open(os.path.join(staging, f"{i:07d}.jpg"), "wb") as f:
+            f.write(jpeg(image))
+        text, spec = make_caption(scene["objects"], np.random.default_rng([seed, TRAIN, i, 1]), cfg.partial_caption)
+        objects.append(scene["objects"])
+        captions.append(text)
+        specs.append(spec)
+    for i, j in enumerate(dup_of):  # a near-duplicate's correct caption is worded unlike its original's
+        if j >= 0 and captions[i] == captions[j]:
+            captions[i], specs[i] = fresh_caption(seed, i, objects[i], captions[j], cfg.partial_caption)
+    return objects, captions, specs
+
+
+def add_caption_noise(seed: int, kinds: list[str], objects: list, clean: list[str], specs: list[dict]) -> list[str]:
+    """The published captions. A wrong_attribute item whose caption cannot be made wrong gets a full one."""
+    captions = list(clean)
+    swapped = [i for i, kind in enumerate(kinds) if kind == "swapped_caption"]
+    for target, donor in derange(swapped, specs, objects, np.random.default_rng([seed, 102])).items():
+        captions[target] = clean[donor]
+    for i, kind in enumerate(kinds):
+        if kind == "wrong_attribute":
+            rng = np.random.default_rng([seed, TRAIN, i, 5])
+            text = wrong_attribute(specs[i], objects[i], rng)
+            if text is None:  # e.g. "a small thing" beside two small things: describe everything instead
+                specs[i] = {**specs[i], "mentions": [dict(o) for o in objects[i]], "partial": False}
+                clean[i] = render_caption(specs[i])
+                text = wrong_attribute(specs[i], objects[i], rng)
+            captions[i] = text
+        elif kind == "boilerplate":
+            captions[i] = boilerplate(np.random.default_rng([seed, TRAIN, i, 4]))
+        elif kind == "near_duplicate":
+            captions[i] = other_scene_caption(seed, i, objects[i], specs, clean)
+    assert all(c and "\t" not in c and "\n" not in c for c in captions)
+    return captions
+
+
+def truth_table(captions, clean, kinds, dup_of, objects, specs) -> pa.Table:
+    first = [o[0] for o in objects]
+    return pa.table({
+        "row": pa.array(range(len(captions)), pa.int64()),
+        "image": [f"{i:07d}.jpg" for i in range(len(captions))],
+        "caption": captions, "clean_caption": clean,
+        "noisy": pa.array([k != "clean" for k in kinds], pa.bool_()),
+        "noise_type": kinds,
+        "dup_of": pa.array(dup_of, pa.int64()),
+        "n_objects": pa.array([len(o) for o in objects], pa.int8()),
+        **{a: [o[a] for o in first] for a in ATTRS},
+        "objects": [json.dumps(o) for o in objects],
+        "partial": pa.array([s["partial"] for s in specs], pa.bool_()),  # of the clean caption
+    })
+
+
+def write_split(path: str, seed: int, split: int, n: int, cfg: WorldConfig) -> None:
+    """A clean split as one WebDataset tar: jpg, txt and json labels per sample."""
+    import webdataset as wds  # here, not at the top: it imports torch (seconds, ~500 MB)
+
+    partial_path = path + ".partial"
+    with open(partial_path, "wb") as f, wds.TarWriter(f, mtime=0) as sink:  # fixed mtime: same bytes every run
+        for i in range(n):
+            scene = make_scene(seed, split, i)
+            objects = scene["objects"]
+            text, spec = make_caption(objects, np.random.default_rng([seed, split, i, 1]), cfg.partial_caption)
+            labels = {**objects[0], "objects": objects, "partial": spec["partial"]}
+            sink.write({"__key__": f"{i:07d}", "jpg": jpeg(render(scene, cfg.image_size)), "txt": text,
+                        "json": labels})
+    os.replace(partial_path, path)
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    with open(path + ".partial", "wb") as f:
+        f.write(data)
+    os.replace(path + ".partial", path)
+
+
+def read_meta(world_dir: str, missing_ok: bool = False) -> dict | None:
+    try:
+        with open(os.path.join(world_dir, "world.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        if missing_ok:
+            return None
+        raise FileNotFoundError(f"{world_dir}: no complete world (world.json); run build_world first") from None
+
+
+# ---------------------------------------------------------------- the url list
+FAILING_KINDS = {"http_404": "404", "http_500": "500", "timeout": "timeout", "truncated": "truncated",
+                 "html": "html"}
+
+
+def failing_rows(world_dir: str) -> int:
+    """How many rows of the url list point at failing urls."""
+    return sum(read_meta(world_dir)["config"]["failing_urls"].values())
+
+
+def write_url_list(world_dir: str, base_url: str) -> tuple[str, str]:
+    """urls.tsv (CC12M: url<TAB>caption) and urls.parquet: every train item, then the failing urls."""
+    meta = read_meta(world_dir)
+    base = base_url.rstrip("/")
+    truth = pq.read_table(os.path.join(world_dir, "truth.parquet"), columns=["image", "caption"]).to_pydict()
+    urls = [f"{base}/images/{name}" for name in truth["image"]]
+    captions = truth["caption"]
+    for key, kind in FAILING_KINDS.items():
+        for k in range(meta["config"]["failing_urls"][key]):
+            row = len(urls)  # a plausible caption, from a scene of its own
+            objects = make_scene(meta["seed"], FAIL, row)["objects"]
+            rng = np.random.default_rng([meta["seed"], FAIL, row, 1])
+            captions.append(make_caption(objects, rng, meta["config"]["partial_caption"])[0])
+            urls.append(f"{base}/fail/{kind}/{k}.jpg")
+    tsv, parquet = os.path.join(world_dir, "urls.tsv"), os.path.join(world_dir, "urls.parquet")
+    write_atomic(tsv, "".join(f"{u}\t{c}\n" for u, c in zip(urls, captions)).encode("utf-8"))
+    table = pa.table({"url": urls, "caption": captions, "row": pa.array(range(len(urls)), pa.int64())})
+    pq.write_table(table, parquet + ".partial")
+    os.replace(parquet + ".partial", parquet)
+    return tsv, parquet
