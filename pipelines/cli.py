@@ -91,15 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     values = {k: v for k, v in vars(args).items() if "." in k or k == "root"}
     try:
         config = load_config(args.config, args.overrides, values)
-        if args.command == "run":
-            for stage in config.stages:
-                STAGES[stage](config)
-        elif args.command == "world":
-            run_world(config)
-            if args.serve:
-                serve_forever(config)
-        else:
-            STAGES[args.command](config)
+        stages = config.stages if args.command == "run" else [args.command]
+        for stage in stages:
+            result = STAGES[stage](config)
+            if result.get("incomplete_shards"):
+                print(f"softcurate {stage}: {len(result['incomplete_shards'])} shard(s) did not complete; "
+                      "re-run the same command to retry them", file=sys.stderr)
+                return 1
+        if args.command == "world" and args.serve:
+            serve_forever(config)
     except (ConfigError, InputError) as err:
         print(f"softcurate {args.command}: error: {err}", file=sys.stderr)
         return 2
