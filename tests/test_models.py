@@ -1,0 +1,49 @@
+import open_clip
+import pytest
+import torch
+
+from train.models import create_model, pick_device, save_checkpoint
+
+
+def test_tiny_model_checkpoint_loads_in_plain_open_clip(tmp_path):
+    torch.manual_seed(0)
+    model, _, preprocess, tokenizer = create_model("softcurate-tiny")
+    model.eval()
+    path = tmp_path / "ckpt" / "tiny.pt"
+    save_checkpoint(model, path)
+    assert not path.with_suffix(".pt.tmp").exists()
+
+    again, _, preprocess2 = open_clip.create_model_and_transforms("softcurate-tiny", pretrained=str(path))
+    again.eval()
+    images = torch.rand(3, 3, 64, 64)
+    text = tokenizer(["a red circle on the left", "a blue square", "click to enlarge"])
+    assert text.shape == (3, 32)
+    with torch.no_grad():
+        a_img, a_txt, a_scale = model(images, text)
+        b_img, b_txt, b_scale = again(images, text)
+    torch.testing.assert_close(a_img, b_img)
+    torch.testing.assert_close(a_txt, b_txt)
+    assert a_img.shape == (3, 64) and torch.allclose(a_img.norm(dim=-1), torch.ones(3))
+    # A fresh model with another seed differs, so the equality above is the checkpoint's doing.
+    torch.manual_seed(1)
+    other, *_ = create_model("softcurate-tiny")
+    with torch.no_grad():
+        assert not torch.allclose(other.eval()(images, text)[0], a_img)
+
+
+def test_bad_model_and_checkpoint_fail_before_work(tmp_path):
+    with pytest.raises(ValueError, match="unknown model 'ViT-Nope'"):
+        create_model("ViT-Nope")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        create_model("softcurate-tiny", pretrained=str(tmp_path / "missing.pt"))
+    # A checkpoint of another architecture: open_clip refuses it with the mismatching keys named.
+    small, *_ = create_model("softcurate-tiny")
+    state = {k: v for k, v in small.state_dict().items() if not k.startswith("visual.")}
+    torch.save(state, tmp_path / "partial.pt")
+    with pytest.raises(RuntimeError, match="visual"):
+        create_model("softcurate-tiny", pretrained=str(tmp_path / "partial.pt"))
+
+
+def test_device_selection():
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
