@@ -1,0 +1,78 @@
+"""The train loader on shards made by the shard stage."""
+
+import polars as pl
+import pytest
+import torch
+
+from pipelines.config import load_config
+from pipelines.shard import run_shard
+from train.data import count_samples, expand_urls, make_pipeline
+from train.models import create_model
+
+N = 120
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    base = tmp_path_factory.mktemp("data")
+    config = load_config(None, [
+        f"root={base}", f"world.dir={base}/world", f"world.n_train={N}", "world.n_val=2", "world.n_test=2",
+        'world.failing_urls={"http_404": 0, "http_500": 0, "timeout": 0, "truncated": 0, "html": 0}',
+        "shard.processes=1", "shard.threads=8", "shard.samples_per_shard=50", "shard.image_size=64"])
+    run_shard(config)
+    _, _, preprocess, tokenizer = create_model("softcurate-tiny")
+    return f"{base}/shards/{{00000..00002}}.tar", preprocess, tokenizer, base
+
+
+def keys_of(pipeline):
+    return [k for batch in pipeline for k in batch["key"]]
+
+
+@pytest.mark.slow
+def test_every_sample_once_with_the_right_shapes(shards):
+    urls, preprocess, tokenizer, _ = shards
+    assert len(expand_urls(urls)) == 3
+    assert count_samples(expand_urls(urls)) == N
+    batches = list(make_pipeline(urls, preprocess, tokenizer, batch_size=16, training=False))
+    assert batches[0]["image"].shape == (16, 3, 64, 64) and batches[0]["text"].shape == (16, 32)
+    keys = [k for b in batches for k in b["key"]]
+    assert len(keys) == len(set(keys)) == N
+
+
+@pytest.mark.slow
+def test_worker_sharding_and_reproducible_shuffles(shards):
+    urls, preprocess, tokenizer, _ = shards
+    loader = torch.utils.data.DataLoader(
+        make_pipeline(urls, preprocess, tokenizer, batch_size=10, training=False), batch_size=None, num_workers=2)
+    keys = [k for batch in loader for k in batch["key"]]
+    assert len(keys) == len(set(keys)) == N  # each shard to one worker: nothing twice, nothing lost
+    first = keys_of(make_pipeline(urls, preprocess, tokenizer, batch_size=10, seed=3, epoch=0))
+    again = keys_of(make_pipeline(urls, preprocess, tokenizer, batch_size=10, seed=3, epoch=0))
+    other = keys_of(make_pipeline(urls, preprocess, tokenizer, batch_size=10, seed=3, epoch=1))
+    assert first == again != other
+    assert len(first) == N  # full batches of 10 only, and 120 divides evenly
+
+
+@pytest.mark.slow
+def test_scores_joined_by_key_and_filtered(shards, tmp_path):
+    urls, preprocess, tokenizer, base = shards
+    (base / "scores").mkdir(exist_ok=True)
+    for shard in range(3):
+        keys = pl.read_parquet(base / "shards" / f"{shard:05d}.parquet").filter(pl.col("status") == "success")["key"]
+        clean = [int(k) % 7 / 6 for k in keys]
+        pl.DataFrame({"key": keys, "clean_prob": clean,
+                      "teacher_image_emb": [[float(int(k) % 5)] * 4 for k in keys]}).write_parquet(
+            base / "scores" / f"{shard:05d}.parquet")
+    batches = list(make_pipeline(urls, preprocess, tokenizer, batch_size=8, training=False))
+    for batch in batches:
+        expected = torch.tensor([int(k) % 7 / 6 for k in batch["key"]])
+        torch.testing.assert_close(batch["clean_prob"], expected)
+        assert batch["teacher_image_emb"].shape == (len(batch["key"]), 4)
+    kept = keys_of(make_pipeline(urls, preprocess, tokenizer, batch_size=4, training=False, min_clean_prob=0.5))
+    all_keys = [k for b in batches for k in b["key"]]
+    assert sorted(kept) == sorted(k for k in all_keys if int(k) % 7 / 6 >= 0.5)
+
+    # A scores file that lacks keys stops with the shard and key named.
+    pl.read_parquet(base / "scores" / "00001.parquet").head(3).write_parquet(base / "scores" / "00001.parquet")
+    with pytest.raises(KeyError, match=r"00001.tar: no scores for sample"):
+        list(make_pipeline(urls, preprocess, tokenizer, batch_size=4, training=False, require_scores=True))

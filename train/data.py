@@ -1,0 +1,114 @@
+"""The WebDataset pipeline the train stage reads: shards -> decoded, tokenised, score-joined batches.
+
+Shards are those of the shard stage (img2dataset's layout). When the score stage has written
+`<root>/scores/NNNNN.parquet` beside `<root>/shards/NNNNN.tar`, each sample is joined with its row
+by key (teacher embeddings, clean_prob, ...) and may be filtered on clean_prob.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import braceexpand
+import fsspec
+import numpy as np
+import polars as pl
+import torch
+import webdataset as wds
+
+IMAGE_EXTS = "jpg;jpeg;png;webp"
+
+
+def expand_urls(urls: str | list[str]) -> list[str]:
+    """Brace notation (`shards/{00000..00009}.tar`) and `::`-separated lists, as open_clip_train takes."""
+    parts = urls if isinstance(urls, list) else urls.split("::")
+    return [u for part in parts for u in braceexpand.braceexpand(part)]
+
+
+def count_samples(urls: list[str]) -> int:
+    """Samples in the shards, from img2dataset's per-shard stats (no need to read the tars)."""
+    total = 0
+    for url in urls:
+        stats_path = url.removesuffix(".tar") + "_stats.json"
+        try:
+            with fsspec.open(stats_path, "r") as f:
+                total += json.load(f)["successes"]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{stats_path}: missing; is {url} a shard of the shard stage?") from None
+    return total
+
+
+def scores_path(shard_url: str) -> str:
+    head, _, name = shard_url.rpartition("/shards/")
+    return f"{head}/scores/{name.removesuffix('.tar')}.parquet"
+
+
+def load_scores(path: str) -> dict[str, dict] | None:
+    """One shard's scores by key, or None when the score stage has not written them."""
+    fs, p = fsspec.core.url_to_fs(path)
+    if not fs.exists(p):
+        return None
+    with fs.open(p, "rb") as f:
+        table = pl.read_parquet(f)
+    if "key" not in table.columns:
+        raise ValueError(f"{path}: a scores file must have a 'key' column; it has {table.columns}")
+    return {row["key"]: row for row in table.iter_rows(named=True)}
+
+
+class ScoreJoin:
+    """Adds each sample's scores row; holds one shard's table at a time (samples arrive shard by shard)."""
+
+    def __init__(self, required: bool):
+        self.required, self.path, self.rows = required, None, None
+
+    def __call__(self, sample: dict) -> dict:
+        path = scores_path(sample["__url__"])
+        if path != self.path:
+            self.path, self.rows = path, load_scores(path)
+        row = self.rows.get(sample["__key__"]) if self.rows is not None else None
+        if row is None and self.required:
+            raise KeyError(f"{sample['__url__']}: no scores for sample {sample['__key__']}")
+        sample["scores"] = row
+        return sample
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack tensors and numbers; keep strings (keys) as lists; score fields become tensors."""
+    batch = {"image": torch.stack([s["image"] for s in samples]),
+             "text": torch.stack([s["text"] for s in samples]),
+             "key": [s["__key__"] for s in samples]}
+    rows = [s.get("scores") for s in samples]
+    if rows and all(r is not None for r in rows):
+        for name, value in rows[0].items():
+            if isinstance(value, (int, float)):
+                batch[name] = torch.tensor([r[name] for r in rows], dtype=torch.float32)
+            elif isinstance(value, list) and value and isinstance(value[0], (int, float)):
+                batch[name] = torch.from_numpy(np.asarray([r[name] for r in rows], dtype=np.float32))
+    return batch
+
+
+def make_pipeline(urls: str | list[str], preprocess, tokenizer, batch_size: int, *, seed: int = 0,
+                  epoch: int = 0, training: bool = True, resampled: bool = False, shuffle_buffer: int = 1000,
+                  min_clean_prob: float | None = None, require_scores: bool = False) -> wds.DataPipeline:
+    """The webdataset idiom: shard list -> split by node and worker -> samples -> decode -> batch."""
+    shards = expand_urls(urls)
+    rng = random.Random(seed + epoch)  # a new, reproducible order each epoch
+    stages = [wds.ResampledShards(shards, seed=seed, deterministic=True) if resampled else wds.SimpleShardList(shards)]
+    if not resampled:
+        stages += [wds.detshuffle(bufsize=len(shards), seed=seed, epoch=epoch)] if training else []
+        stages += [wds.split_by_node, wds.split_by_worker]
+    stages += [wds.tarfile_to_samples(handler=wds.warn_and_continue)]
+    stages += [wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=rng)] if training else []
+    stages += [
+        wds.select(lambda s: "txt" in s and any(ext in s for ext in IMAGE_EXTS.split(";"))),
+        wds.decode("pilrgb", handler=wds.warn_and_continue),
+        wds.rename(image=IMAGE_EXTS, text="txt"),
+        wds.map(ScoreJoin(required=require_scores or min_clean_prob is not None)),
+    ]
+    if min_clean_prob is not None:
+        stages.append(wds.select(lambda s: s["scores"]["clean_prob"] >= min_clean_prob))
+    stages += [
+        wds.map_dict(image=preprocess, text=lambda t: tokenizer([t])[0]),
+        wds.batched(batch_size, partial=not training, collation_fn=collate),
+    ]
+    return wds.DataPipeline(*stages)
