@@ -33,7 +33,7 @@ def test_every_sample_once_with_the_right_shapes(shards):
     urls, preprocess, tokenizer, _ = shards
     assert len(expand_urls(urls)) == 3
     assert count_samples(expand_urls(urls)) == N
-    batches = list(make_pipeline(urls, preprocess, tokenizer, batch_size=16, training=False))
+    batches = list(make_pipeline(urls, preprocess, tokenizer, batch_size=16))
     assert batches[0]["image"].shape == (16, 3, 64, 64) and batches[0]["text"].shape == (16, 32)
     keys = [k for b in batches for k in b["key"]]
     assert len(keys) == len(set(keys)) == N
@@ -43,14 +43,31 @@ def test_every_sample_once_with_the_right_shapes(shards):
 def test_worker_sharding_and_reproducible_shuffles(shards):
     urls, preprocess, tokenizer, _ = shards
     loader = torch.utils.data.DataLoader(
-        make_pipeline(urls, preprocess, tokenizer, batch_size=10, training=False), batch_size=None, num_workers=2)
+        make_pipeline(urls, preprocess, tokenizer, batch_size=10), batch_size=None, num_workers=2)
     keys = [k for batch in loader for k in batch["key"]]
     assert len(keys) == len(set(keys)) == N  # each shard to one worker: nothing twice, nothing lost
-    first = keys_of(make_pipeline(urls, preprocess, tokenizer, batch_size=10, seed=3, epoch=0))
-    again = keys_of(make_pipeline(urls, preprocess, tokenizer, batch_size=10, seed=3, epoch=0))
-    other = keys_of(make_pipeline(urls, preprocess, tokenizer, batch_size=10, seed=3, epoch=1))
-    assert first == again != other
-    assert len(first) == N  # full batches of 10 only, and 120 divides evenly
+
+    def training_keys(seed, epoch):
+        pipeline = make_pipeline(urls, preprocess, tokenizer, batch_size=10, seed=seed, epoch=epoch,
+                                 batches_per_worker=6, shuffle_buffer=50)
+        loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=2)
+        batches = list(loader)
+        assert len(batches) == 12 and all(len(b["key"]) == 10 for b in batches)
+        return [k for b in batches for k in b["key"]]
+
+    first = training_keys(3, 0)
+    assert first == training_keys(3, 0)  # an epoch replays exactly: what resume relies on
+    assert first != training_keys(3, 1) and first != training_keys(4, 0)
+    assert len(set(first)) > N / 2  # resampling covers the data
+
+
+@pytest.mark.slow
+def test_unpaired_streams_carry_one_side(shards):
+    urls, preprocess, tokenizer, _ = shards
+    images = next(iter(make_pipeline(urls, preprocess, tokenizer, batch_size=5, modality="image")))
+    texts = next(iter(make_pipeline(urls, preprocess, tokenizer, batch_size=5, modality="text")))
+    assert images["image"].shape == (5, 3, 64, 64) and "text" not in images
+    assert texts["text"].shape == (5, 32) and "image" not in texts
 
 
 @pytest.mark.slow
@@ -63,16 +80,16 @@ def test_scores_joined_by_key_and_filtered(shards, tmp_path):
         pl.DataFrame({"key": keys, "clean_prob": clean,
                       "teacher_image_emb": [[float(int(k) % 5)] * 4 for k in keys]}).write_parquet(
             base / "scores" / f"{shard:05d}.parquet")
-    batches = list(make_pipeline(urls, preprocess, tokenizer, batch_size=8, training=False))
+    batches = list(make_pipeline(urls, preprocess, tokenizer, batch_size=8))
     for batch in batches:
         expected = torch.tensor([int(k) % 7 / 6 for k in batch["key"]])
         torch.testing.assert_close(batch["clean_prob"], expected)
         assert batch["teacher_image_emb"].shape == (len(batch["key"]), 4)
-    kept = keys_of(make_pipeline(urls, preprocess, tokenizer, batch_size=4, training=False, min_clean_prob=0.5))
+    kept = keys_of(make_pipeline(urls, preprocess, tokenizer, batch_size=4, min_clean_prob=0.5))
     all_keys = [k for b in batches for k in b["key"]]
     assert sorted(kept) == sorted(k for k in all_keys if int(k) % 7 / 6 >= 0.5)
 
     # A scores file that lacks keys stops with the shard and key named.
     pl.read_parquet(base / "scores" / "00001.parquet").head(3).write_parquet(base / "scores" / "00001.parquet")
     with pytest.raises(KeyError, match=r"00001.tar: no scores for sample"):
-        list(make_pipeline(urls, preprocess, tokenizer, batch_size=4, training=False, require_scores=True))
+        list(make_pipeline(urls, preprocess, tokenizer, batch_size=4, require_scores=True))

@@ -7,14 +7,17 @@ by key (teacher embeddings, clean_prob, ...) and may be filtered on clean_prob.
 
 from __future__ import annotations
 
+import io
 import json
 import random
+from functools import partial
 import braceexpand
 import fsspec
 import numpy as np
 import polars as pl
 import torch
 import webdataset as wds
+from PIL import Image
 
 IMAGE_EXTS = "jpg;jpeg;png;webp"
 
@@ -74,9 +77,10 @@ class ScoreJoin:
 
 def collate(samples: list[dict]) -> dict:
     """Stack tensors and numbers; keep strings (keys) as lists; score fields become tensors."""
-    batch = {"image": torch.stack([s["image"] for s in samples]),
-             "text": torch.stack([s["text"] for s in samples]),
-             "key": [s["__key__"] for s in samples]}
+    batch = {"key": [s["__key__"] for s in samples]}
+    for name in ("image", "text"):
+        if isinstance(samples[0].get(name), torch.Tensor):
+            batch[name] = torch.stack([s[name] for s in samples])
     rows = [s.get("scores") for s in samples]
     if rows and all(r is not None for r in rows):
         for name, value in rows[0].items():
@@ -87,28 +91,58 @@ def collate(samples: list[dict]) -> dict:
     return batch
 
 
+def worker_seed(seed: int, epoch: int) -> int:
+    """Distinct per rank and worker, reproducible per (seed, epoch): what exact resume relies on."""
+    return wds.utils.make_seed(seed, epoch, wds.utils.pytorch_worker_seed())
+
+
 def make_pipeline(urls: str | list[str], preprocess, tokenizer, batch_size: int, *, seed: int = 0,
-                  epoch: int = 0, training: bool = True, resampled: bool = False, shuffle_buffer: int = 1000,
-                  min_clean_prob: float | None = None, require_scores: bool = False) -> wds.DataPipeline:
-    """The webdataset idiom: shard list -> split by node and worker -> samples -> decode -> batch."""
+                  epoch: int = 0, batches_per_worker: int | None = None, shuffle_buffer: int = 1000,
+                  min_clean_prob: float | None = None, require_scores: bool = False,
+                  modality: str = "pair") -> wds.DataPipeline:
+    """The webdataset idiom: shard list -> split by node and worker -> samples -> decode -> batch.
+
+    With `batches_per_worker` (training) shards are resampled with a seed of (seed, epoch, rank,
+    worker) and each worker yields exactly that many full batches, so every rank takes the same
+    number of steps and an epoch replays identically; without it (evaluation) every sample is read
+    once, split by node and worker, the last batch partial. `modality` "image" or "text" makes an
+    unpaired stream of one side only (MMCL's unpaired pools).
+    """
     shards = expand_urls(urls)
-    rng = random.Random(seed + epoch)  # a new, reproducible order each epoch
-    stages = [wds.ResampledShards(shards, seed=seed, deterministic=True) if resampled else wds.SimpleShardList(shards)]
-    if not resampled:
-        stages += [wds.detshuffle(bufsize=len(shards), seed=seed, epoch=epoch)] if training else []
-        stages += [wds.split_by_node, wds.split_by_worker]
+    training = batches_per_worker is not None
+    if training:
+        stages = [wds.ResampledShards(shards, worker_seed=partial(worker_seed, seed, epoch), deterministic=True)]
+    else:
+        stages = [wds.SimpleShardList(shards), wds.split_by_node, wds.split_by_worker]
     stages += [wds.tarfile_to_samples(handler=wds.warn_and_continue)]
-    stages += [wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=rng)] if training else []
+    stages += [wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(seed * 7919 + epoch))] \
+        if training else []
     stages += [
-        wds.select(lambda s: "txt" in s and any(ext in s for ext in IMAGE_EXTS.split(";"))),
-        wds.decode("pilrgb", handler=wds.warn_and_continue),
-        wds.rename(image=IMAGE_EXTS, text="txt"),
+        wds.select(partial(has_fields, modality)),
         wds.map(ScoreJoin(required=require_scores or min_clean_prob is not None)),
     ]
     if min_clean_prob is not None:
         stages.append(wds.select(lambda s: s["scores"]["clean_prob"] >= min_clean_prob))
     stages += [
-        wds.map_dict(image=preprocess, text=lambda t: tokenizer([t])[0]),
+        wds.map(partial(decode, preprocess, tokenizer, modality), handler=wds.warn_and_continue),
         wds.batched(batch_size, partial=not training, collation_fn=collate),
     ]
-    return wds.DataPipeline(*stages)
+    pipeline = wds.DataPipeline(*stages)
+    return pipeline.with_epoch(batches_per_worker) if training else pipeline
+
+
+def has_fields(modality: str, sample: dict) -> bool:
+    has_image = any(ext in sample for ext in IMAGE_EXTS.split(";"))
+    return {"pair": has_image and "txt" in sample, "image": has_image, "text": "txt" in sample}[modality]
+
+
+def decode(preprocess, tokenizer, modality: str, sample: dict) -> dict:
+    """Only the side(s) asked for are decoded; a bad image raises, and the handler skips it with a warning."""
+    out = {"__key__": sample["__key__"], "scores": sample.get("scores")}
+    if modality in ("pair", "image"):
+        data = next(sample[ext] for ext in IMAGE_EXTS.split(";") if ext in sample)
+        with Image.open(io.BytesIO(data)) as image:
+            out["image"] = preprocess(image.convert("RGB"))
+    if modality in ("pair", "text"):
+        out["text"] = tokenizer([sample["txt"].decode("utf-8")])[0]
+    return out
