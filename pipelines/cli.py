@@ -12,10 +12,11 @@ import typing
 
 from pydantic import BaseModel
 
-from pipelines.config import Config, ConfigError, ShardConfig, load_config
+from pipelines.config import Config, ConfigError, ShardConfig, TrainConfig, load_config
 from pipelines.urllist import InputError
 
 RENAMED = {"input.path": "input"}  # `--input urls.tsv` reads better than `--path`
+INLINE = {"input"}  # sub-sections whose options need no prefix (`--format`, not `--input-format`)
 
 
 def run_world(config: Config) -> dict:
@@ -35,17 +36,25 @@ def run_shard(config: Config) -> dict:
     return shard(config)
 
 
-STAGES = {"world": run_world, "shard": run_shard}
+def run_train(config: Config) -> dict:
+    from pipelines.train import run_train as train
+
+    return train(config)
+
+
+STAGES = {"world": run_world, "shard": run_shard, "train": run_train}
 
 
 def model_options(parser: argparse.ArgumentParser, model: type[BaseModel], section: str, prefix: str = "") -> None:
     """One option per field of `model` (recursing into sub-models), stored under its dotted key."""
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
+        if typing.get_origin(field.annotation) is dict:
+            continue  # free-form mappings (loss_args) only through --set
         if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
             model_options(parser, field.annotation, section, prefix=f"{key}.")
             continue
-        flag = "--" + RENAMED.get(key, name).replace("_", "-")
+        flag = "--" + RENAMED.get(key, name if prefix.rstrip(".") in INLINE else key).replace("_", "-").replace(".", "-")
         kind = field.annotation
         args = [a for a in typing.get_args(kind) if a is not type(None)]
         base = args[0] if args and typing.get_origin(kind) is typing.Union else kind
@@ -83,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--serve", action="store_true", help="then serve it on loopback until Ctrl-C")
     shard = command("shard", "turn a url list into WebDataset shards (img2dataset on Dask)", config_required=False)
     model_options(shard, ShardConfig, "shard")
+    train = command("train", "train an open_clip model (CLIP, SoftCLIP, oblique, MMCL) on shards", config_required=False)
+    model_options(train, TrainConfig, "train")
     return parser
 
 

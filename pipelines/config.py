@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import fsspec
 import yaml
@@ -94,7 +94,52 @@ class ShardConfig(Strict):
     overwrite: bool = option(False, "discard existing shards instead of resuming")
 
 
-Stage = Literal["world", "shard"]
+# ---------------------------------------------------------------- the train stage
+class UnpairedConfig(Strict):
+    images: Optional[str] = option(None, "shards whose images are the unpaired image pool (brace notation)")
+    texts: Optional[str] = option(None, "shards whose captions are the unpaired text pool (brace notation)")
+    batch_size: int = option(64, "unpaired images (and texts) per step", ge=2)
+    gamma: float = option(1.0, "weight of the unpaired loss in joint training", ge=0)
+    schedule: Literal["joint", "sequential"] = option(
+        "joint", "joint: L_pairs + gamma * L_u every step; sequential: pairs first, then unpaired (the paper)")
+    paired_fraction: float = option(0.5, "sequential: the share of steps trained on pairs first", ge=0, le=1)
+    pairing: Literal["topk", "teacher"] = option(
+        "topk", "topk: the m largest similarities of the batch; teacher: a frozen copy's argmax partners")
+
+
+class TrainConfig(Strict):
+    name: str = option("clip", "run name: outputs go to <root>/runs/<name>")
+    shards: Optional[str] = option(None, "training shards (brace notation, local or fsspec); default: the shard stage's")
+    val_shards: Optional[str] = option(None, "clean validation shards; default: the demo world's val.tar when there is one")
+    output: Optional[str] = option(None, "run folder; default <root>/runs/<name>")
+    model: str = option("softcurate-tiny", "open_clip model name")
+    pretrained: Optional[str] = option(None, "open_clip pretrained tag or local checkpoint path")
+    oblique_k: int = option(1, "class tokens per tower (oblique manifold); 1 is stock CLIP", ge=1)
+    loss: Literal["clip", "softclip", "oblique", "mmcl"] = option("clip", "training objective")
+    loss_args: dict[str, Any] = option({}, "keyword arguments of the loss (e.g. alpha, beta for softclip)")
+    unpaired: UnpairedConfig = UnpairedConfig()
+    batch_size: int = option(64, "pairs per step per process", ge=2)
+    epochs: int = option(10, "passes over the training samples", ge=1)
+    max_steps: Optional[int] = option(None, "stop after this many steps (overrides epochs)", ge=1)
+    lr: float = option(5e-4, "peak learning rate", gt=0)
+    weight_decay: float = option(0.1, "AdamW weight decay (not on gains, biases, logit scale)", ge=0)
+    warmup_steps: int = option(50, "linear warmup steps before the cosine decay", ge=0)
+    grad_clip: Optional[float] = option(1.0, "gradient norm clip (unset: none)", gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = option("auto", "auto: bf16 autocast on GPU, fp32 on CPU")
+    grad_checkpointing: bool = option(False, "trade compute for activation memory")
+    compile: bool = option(False, "torch.compile the model")
+    workers: int = option(2, "data loader worker processes per training process", ge=0)
+    threads: Optional[int] = option(None, "torch CPU threads per process (unset: torch's default)", ge=1)
+    device: str = option("auto", "auto: cuda when available, else cpu")
+    nproc: int = option(1, "processes under torchrun (one per GPU; gloo on CPU)", ge=1)
+    checkpoint_every: int = option(100, "save a resumable checkpoint every this many steps", ge=1)
+    log_every: int = option(10, "write metrics every this many steps", ge=1)
+    resume: bool = option(True, "continue from the run folder's latest checkpoint")
+    min_clean_prob: Optional[float] = option(None, "train only on pairs whose clean_prob reaches this", ge=0, le=1)
+    seed: Optional[int] = option(None, "unset: the config's top-level seed")
+
+
+Stage = Literal["world", "shard", "train"]
 
 
 class Config(Strict):
@@ -103,12 +148,16 @@ class Config(Strict):
     stages: list[Stage] = ["shard"]
     world: Optional[WorldConfig] = None
     shard: ShardConfig = ShardConfig()
+    train: TrainConfig = TrainConfig()
 
     def world_dir(self) -> str:
         return (self.world.dir if self.world and self.world.dir else None) or join(self.root, "world")
 
     def shard_dir(self) -> str:
         return self.shard.output or join(self.root, "shards")
+
+    def run_dir(self) -> str:
+        return self.train.output or join(self.root, "runs", self.train.name)
 
 
 def join(root: str, *parts: str) -> str:

@@ -47,3 +47,14 @@ def test_bad_model_and_checkpoint_fail_before_work(tmp_path):
 def test_device_selection():
     assert pick_device("cpu") == torch.device("cpu")
     assert pick_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_retrieval_recall_by_hand():
+    from train.evaluate import retrieval_recall
+
+    image = torch.eye(3)
+    text = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 1, 0]])  # pairs 1 and 2 swapped
+    recall = retrieval_recall(image, text, ks=(1, 2))
+    assert recall == pytest.approx({"i2t_R@1": 1 / 3, "i2t_R@2": 1 / 3, "t2i_R@1": 1 / 3, "t2i_R@2": 1 / 3})
+    tied = retrieval_recall(torch.ones(2, 1), torch.ones(2, 1), ks=(1,))
+    assert tied["i2t_R@1"] == 0.0  # ties do not count as found

@@ -1,0 +1,67 @@
+"""The train stage: resolve shards and the run folder from the config, then train in-process or under torchrun.
+
+`python -m pipelines.train RESOLVED.yaml` is what each torchrun process runs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pipelines.config import Config, ConfigError, join, load_config, save_config
+from pipelines.manifest import read_json, record_stage, write_json
+
+
+def run_train(config: Config) -> dict:
+    out = config.run_dir()
+    config = resolve(config)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    resolved = join(out, "_config.yaml")
+    save_config(config, resolved)
+    if config.train.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={config.train.nproc}", "-m", "pipelines.train", resolved]
+        print(f"train: {' '.join(command)}")
+        subprocess.run(command, check=True)
+        summary = read_json(join(out, "_summary.json"))
+    else:
+        summary = train_here(config)
+    record_stage(config, f"train:{config.train.name}", {"output": out, "summary": summary})
+    last = summary.get("last", {})
+    print(f"\ntrain summary: {summary['steps']} steps, loss {last.get('loss', float('nan')):.4f}, "
+          f"best val R@1 {summary['best_val_recall']:.3f}, checkpoint {summary['final_checkpoint']}")
+    return summary
+
+
+def resolve(config: Config) -> Config:
+    """Fill the defaults that depend on other stages: shards, validation split, seed."""
+    cfg = config.train
+    update = {"seed": cfg.seed if cfg.seed is not None else config.seed}
+    if not cfg.shards:
+        done = read_json(join(config.shard_dir(), "_summary.json"))
+        if not done or not done["shards"]:
+            raise ConfigError(f"train.shards is not set and {config.shard_dir()} holds no complete shards; "
+                              "run the shard stage first or set train.shards")
+        update["shards"] = "::".join(join(config.shard_dir(), name) for name in done["shards"])
+    if not cfg.val_shards and config.world is not None and Path(config.world_dir(), "val.tar").exists():
+        update["val_shards"] = join(config.world_dir(), "val.tar")
+    return config.model_copy(update={"train": cfg.model_copy(update=update)})
+
+
+def train_here(config: Config) -> dict:
+    from train.loop import train
+
+    cfg = config.train
+    try:
+        summary = train(cfg, cfg.shards, config.run_dir(), cfg.val_shards)
+    except TypeError as err:  # a loss_args key the loss does not take
+        raise ConfigError(f"train.loss_args: {err}") from None
+    if int(os.environ.get("RANK", 0)) == 0:
+        write_json(join(config.run_dir(), "_summary.json"), summary)
+    return summary
+
+
+if __name__ == "__main__":
+    train_here(load_config(sys.argv[1]))

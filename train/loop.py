@@ -1,0 +1,250 @@
+"""The training loop: AdamW with warmup + cosine, clipping, AMP, DDP under torchrun, checkpoints, exact resume.
+
+`train(cfg, shards, out_dir)` reads its settings from `cfg` (any object with the attributes of
+pipelines.config.TrainConfig), so a notebook can pass a SimpleNamespace. Run it under `torchrun`
+for several processes: gloo on the CPU, NCCL on GPUs, no code change.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from open_clip_train.scheduler import cosine_lr
+from tqdm import tqdm
+
+from train.data import count_samples, expand_urls, make_pipeline
+from train.distributed import init_distributed
+from train.evaluate import retrieval_recall
+from train.losses import UnpairedLoss, build_loss, teacher_pairs
+from train.models import create_model, save_checkpoint
+
+# Batch fields from the score stage, by the loss argument that takes them.
+SCORE_FIELDS = {"teacher_image": "teacher_image_emb", "teacher_text": "teacher_text_emb", "clean_prob": "clean_prob"}
+
+
+def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | None = None) -> dict:
+    out = Path(out_dir)
+    env = init_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, preprocess_train, preprocess_val, tokenizer = create_model(cfg.model, cfg.pretrained, env.device)
+    if cfg.oblique_k > 1:
+        from train.oblique import make_oblique
+        model = make_oblique(model, cfg.oblique_k).to(env.device)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    loss_fn = build_loss(cfg.loss, rank=env.rank, world_size=env.world_size, **cfg.loss_args)
+    scale_cap = math.log(getattr(loss_fn, "logit_scale_max", 100.0))
+    if hasattr(loss_fn, "logit_scale_init"):
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(loss_fn.logit_scale_init))
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if env.world_size > 1 else model
+    if cfg.compile:
+        ddp = torch.compile(ddp)
+
+    urls = expand_urls(shards)
+    steps_per_epoch = max(1, count_samples(urls) // (cfg.batch_size * env.world_size))
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    workers = max(1, cfg.workers)
+    schedule = cosine_lr(optimizer, cfg.lr, cfg.warmup_steps, total_steps)
+    step = load_state(out / "checkpoints" / "latest.pt", model, optimizer) if cfg.resume else 0
+    log = MetricLog(out, step, enabled=env.is_main)
+    unpaired = UnpairedStreams(cfg, preprocess_train, tokenizer, env) if cfg.unpaired.images else None
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if unpaired and cfg.unpaired.pairing == "teacher" else None
+    best = {"val_recall": -1.0, "teacher_recall": -1.0}
+    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg.precision, env.device))
+    bar = tqdm(total=total_steps, initial=step, disable=not env.is_main, unit="step", dynamic_ncols=True)
+
+    while step < total_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        pipeline = make_pipeline(urls, preprocess_train, tokenizer, cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                                 batches_per_worker=math.ceil(steps_per_epoch / workers),
+                                 min_clean_prob=cfg.min_clean_prob, require_scores=needs_scores(loss_fn, cfg))
+        loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=cfg.workers,
+                                             pin_memory=env.device.type == "cuda")
+        tick = time.perf_counter()
+        for i, batch in enumerate(loader):
+            if i < skip:  # resume: replay the epoch's order, skip what was already trained on
+                continue
+            if i >= steps_per_epoch or step >= total_steps:
+                break
+            lr = schedule(step)
+            model.train()
+            with autocast:
+                image_features, text_features, logit_scale = ddp(batch["image"].to(env.device, non_blocking=True),
+                                                                 batch["text"].to(env.device, non_blocking=True))
+                terms = call_loss(loss_fn, image_features, text_features, logit_scale, batch, env.device)
+                if unpaired is not None:
+                    terms = unpaired.add_terms(terms, ddp, teacher, logit_scale, step, total_steps)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, scale_cap)
+            step += 1
+            now = time.perf_counter()
+            rate = cfg.batch_size * env.world_size / (now - tick)
+            tick = now
+            row = {"step": step, "epoch": epoch, "lr": lr, "logit_scale": model.logit_scale.exp().item(),
+                   "samples_per_s": rate, **{k: v.item() for k, v in terms.items()}}
+            log.write(row, every=cfg.log_every)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("step", "epoch", "lr")})
+            if env.is_main and (step % cfg.checkpoint_every == 0 or step == total_steps):
+                save_state(out / "checkpoints" / "latest.pt", model, optimizer, step)
+        if step % steps_per_epoch == 0 or step == total_steps:
+            validate(cfg, model, val_shards, preprocess_val, tokenizer, env, log, step, out, best, teacher)
+    bar.close()
+    if env.is_main:
+        save_checkpoint(model, out / "checkpoints" / "final.pt")
+    log.close()
+    env.barrier()
+    return {"steps": step, "steps_per_epoch": steps_per_epoch, "best_val_recall": best["val_recall"],
+            "final_checkpoint": str(out / "checkpoints" / "final.pt"), "last": log.last}
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with no decay on gains, biases and the logit scale, as open_clip_train does."""
+    exclude = [p for n, p in model.named_parameters() if p.ndim < 2 or "bias" in n or "logit_scale" in n]
+    decay = [p for n, p in model.named_parameters() if not (p.ndim < 2 or "bias" in n or "logit_scale" in n)]
+    return torch.optim.AdamW([{"params": exclude, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}],
+                             lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def needs_scores(loss_fn, cfg) -> bool:
+    return cfg.loss == "softclip" and getattr(loss_fn, "target", "teacher") == "teacher"
+
+
+def call_loss(loss_fn, image_features, text_features, logit_scale, batch: dict, device) -> dict:
+    """Pass the score fields a loss asks for (by its forward's argument names) from the batch."""
+    wanted = inspect.signature(loss_fn.forward).parameters
+    extras = {arg: batch[field].to(device) for arg, field in SCORE_FIELDS.items() if arg in wanted and field in batch}
+    return loss_fn(image_features, text_features, logit_scale, **extras)
+
+
+class UnpairedStreams:
+    """MMCL's unpaired images and texts: pseudo-paired each step, joint or after the paired stage."""
+
+    def __init__(self, cfg, preprocess, tokenizer, env):
+        self.cfg, self.env = cfg.unpaired, env
+        self.images = endless(cfg.unpaired.images, preprocess, tokenizer, cfg.unpaired.batch_size, "image", cfg.seed)
+        self.texts = endless(cfg.unpaired.texts, preprocess, tokenizer, cfg.unpaired.batch_size, "text", cfg.seed)
+        self.loss = UnpairedLoss()
+
+    def add_terms(self, terms: dict, model, teacher, logit_scale, step: int, total_steps: int) -> dict:
+        paired_stage = self.cfg.schedule == "sequential" and step < self.cfg.paired_fraction * total_steps
+        if paired_stage:
+            return terms
+        images = next(self.images)["image"].to(self.env.device)
+        texts = next(self.texts)["text"].to(self.env.device)
+        inner = model.module if hasattr(model, "module") else model
+        u, v = inner.encode_image(images, normalize=True), inner.encode_text(texts, normalize=True)
+        pairs = None
+        if teacher is not None:  # frozen teacher: its argmax partners, replaced only when validation improves
+            with torch.no_grad():
+                pairs = teacher_pairs(flat(teacher.encode_image(images, normalize=True)) @
+                                      flat(teacher.encode_text(texts, normalize=True)).T)
+        unpaired = self.loss(flat(u), flat(v), logit_scale, pairs=pairs)
+        if self.cfg.schedule == "sequential":
+            return {"loss": unpaired["loss"], **{f"unpaired_{k}": t for k, t in unpaired.items()}}
+        total = terms["loss"] + self.cfg.gamma * unpaired["loss"]
+        return {**terms, "loss": total, **{f"unpaired_{k}": t for k, t in unpaired.items()}}
+
+
+def endless(urls, preprocess, tokenizer, batch_size: int, modality: str, seed: int):
+    epoch = 0
+    while True:
+        yield from make_pipeline(urls, preprocess, tokenizer, batch_size, seed=seed + 1, epoch=epoch,
+                                 batches_per_worker=1_000, modality=modality)
+        epoch += 1
+
+
+def flat(features: torch.Tensor) -> torch.Tensor:
+    """Oblique (N, K, d/K) features as (N, D): their inner product is the oblique similarity."""
+    return features.flatten(1)
+
+
+@torch.no_grad()
+def validate(cfg, model, val_shards, preprocess, tokenizer, env, log, step, out: Path, best: dict, teacher) -> None:
+    """Mean image<->text R@1 on the clean validation split; keep the best checkpoint (rank 0)."""
+    if not val_shards or not env.is_main:
+        env.barrier()
+        return
+    model.eval()
+    image_features, text_features = [], []
+    for batch in make_pipeline(val_shards, preprocess, tokenizer, 256):
+        image_features.append(flat(model.encode_image(batch["image"].to(env.device), normalize=True)).float())
+        text_features.append(flat(model.encode_text(batch["text"].to(env.device), normalize=True)).float())
+    recall = retrieval_recall(torch.cat(image_features), torch.cat(text_features), ks=(1,))
+    score = (recall["i2t_R@1"] + recall["t2i_R@1"]) / 2
+    log.write({"step": step, "val_recall@1": score, **{f"val_{k}": v for k, v in recall.items()}}, every=1)
+    if score > best["val_recall"]:
+        best["val_recall"] = score
+        save_checkpoint(model, out / "checkpoints" / "best.pt")
+    if teacher is not None and score > 1.1 * best["teacher_recall"]:  # MMCL: replace on a 10% gain
+        teacher.load_state_dict(model.state_dict())
+        best["teacher_recall"] = score
+    env.barrier()
+
+
+def save_state(path: Path, model, optimizer, step: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, tmp)
+    tmp.replace(path)  # a kill during the save leaves the previous checkpoint intact
+
+
+def load_state(path: Path, model, optimizer) -> int:
+    if not path.exists():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+class MetricLog:
+    """metrics.jsonl and TensorBoard on rank 0; a resumed run drops rows past its checkpoint."""
+
+    def __init__(self, out: Path, resumed_step: int, enabled: bool):
+        self.enabled, self.last = enabled, {}
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / "metrics.jsonl"
+        kept = [line for line in (self.path.read_text().splitlines() if self.path.exists() else [])
+                if json.loads(line)["step"] <= resumed_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self.file = self.path.open("a")
+        from torch.utils.tensorboard import SummaryWriter
+        self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resumed_step + 1)
+
+    def write(self, row: dict, every: int) -> None:
+        if not self.enabled:
+            return
+        self.last.update(row)
+        if row["step"] % every == 0:
+            self.file.write(json.dumps(row, sort_keys=True) + "\n")
+            self.file.flush()
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
