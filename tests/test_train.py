@@ -1,0 +1,137 @@
+"""The train stage on shards made by the shard stage: each objective trains and its loss falls,
+checkpoints load in plain open_clip, torchrun runs two gloo processes, a killed run resumes exactly,
+and open_clip's own trainer reads our shards."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import open_clip
+import pytest
+import torch
+
+from conftest import BIN
+from pipelines.config import load_config
+from pipelines.shard import run_shard
+from pipelines.train import run_train
+
+N = 256
+TRAIN = ["train.batch_size=32", "train.workers=1", "train.warmup_steps=2", "train.lr=2e-3", "train.log_every=1",
+         "train.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    base = tmp_path_factory.mktemp("train")
+    config = load_config(None, [
+        f"root={base}", f"world.dir={base}/world", f"world.n_train={N}", "world.n_val=64", "world.n_test=2",
+        'world.failing_urls={"http_404": 1, "http_500": 0, "timeout": 0, "truncated": 0, "html": 0}',
+        "shard.processes=1", "shard.threads=8", "shard.samples_per_shard=64", "shard.image_size=64"])
+    run_shard(config)
+    return base
+
+
+def config_for(root, *overrides):
+    return load_config(None, [f"root={root}", f"world.dir={root}/world", *TRAIN, *overrides])
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def falls(curve, head=5, tail=5):
+    return sum(curve[-tail:]) / tail < sum(curve[:head]) / head
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, overrides", [
+    ("clip", ["train.loss=clip"]),
+    ("softclip", ["train.loss=softclip", "train.loss_args={alpha: 0.2, beta: 1.0, target: self}"]),
+    ("oblique", ["train.loss=oblique", "train.oblique_k=4"]),
+    ("mmcl", ["train.loss=mmcl", "train.shards={root}/shards/{{00000..00001}}.tar",
+              "train.unpaired.images={root}/shards/00002.tar", "train.unpaired.texts={root}/shards/00003.tar",
+              "train.unpaired.batch_size=16"]),
+])
+def test_each_objective_trains_and_its_loss_falls(root, name, overrides):
+    overrides = [o.format(root=root) for o in overrides]
+    config = config_for(root, f"train.name={name}", "train.max_steps=30", *overrides)
+    summary = run_train(config)
+    assert summary["steps"] == 30
+    curve = losses(root / "runs" / name)
+    assert len(curve) == 30 and all(map(torch.isfinite, torch.tensor(curve)))
+    assert falls(curve), curve
+    assert (root / "runs" / name / "checkpoints" / "final.pt").exists()
+    assert list((root / "runs" / name / "tensorboard").glob("events.out.tfevents.*"))
+    assert summary["best_val_recall"] >= 0
+    if name == "mmcl":
+        rows = [json.loads(line) for line in (root / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        assert all("unpaired_loss" in r for r in rows if "loss" in r)
+
+
+@pytest.mark.slow
+def test_checkpoint_loads_in_plain_open_clip(root):
+    config = config_for(root, "train.name=ckpt", "train.max_steps=3")
+    summary = run_train(config)
+    import train.models  # noqa: F401  registers softcurate-tiny with open_clip
+    model, _, _ = open_clip.create_model_and_transforms("softcurate-tiny", pretrained=summary["final_checkpoint"])
+    state = torch.load(summary["final_checkpoint"], weights_only=True)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, state[name])
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_on_the_same_loss_curve(root):
+    common = [f"--root={root}", "--set", f"world.dir={root}/world", "--max-steps=16", "--checkpoint-every=4",
+              "--batch-size=32", "--workers=1", "--warmup-steps=2", "--lr=2e-3", "--log-every=1", "--threads=1"]
+    straight = subprocess.run([str(BIN / "softcurate"), "train", "--name=straight", *common],
+                              capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    command = [str(BIN / "softcurate"), "train", "--name=killed", *common]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = root / "runs" / "killed" / "checkpoints" / "latest.pt"
+    deadline = time.time() + 300
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its data workers, mid-run
+    proc.wait()
+    assert len(losses(root / "runs" / "killed")) < 16, "the run finished before it could be killed"
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    torch.testing.assert_close(torch.tensor(losses(root / "runs" / "killed")),
+                               torch.tensor(losses(root / "runs" / "straight")), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes(root):
+    config = config_for(root, "train.name=ddp", "train.nproc=2", "train.max_steps=12", "train.batch_size=16")
+    summary = run_train(config)
+    assert summary["steps"] == 12
+    curve = losses(root / "runs" / "ddp")
+    assert len(curve) == 12 and falls(curve, 3, 3)
+
+
+@pytest.mark.slow
+def test_open_clip_train_reads_our_shards(root, tmp_path):
+    """open_clip's own trainer on the shard stage's output, the model given as a local-dir config."""
+    import train.models
+
+    model_dir = tmp_path / "tiny"
+    model_dir.mkdir()
+    model_cfg = json.loads((train.models.CONFIG_DIR / "softcurate-tiny.json").read_text())
+    (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    result = subprocess.run(
+        [sys.executable, "-m", "open_clip_train.main", "--train-data", f"{root}/shards/{{00000..00003}}.tar",
+         "--train-num-samples", "192", "--dataset-type", "webdataset", "--model", f"local-dir:{model_dir}",
+         "--batch-size", "32", "--epochs", "1", "--workers", "1", "--lr", "1e-3", "--warmup", "1",
+         "--logs", str(tmp_path / "logs"), "--name", "oc", "--save-frequency", "1", "--report-to", "",
+         "--device", "cpu", "--precision", "fp32", "--log-every-n-steps", "1"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    log = (tmp_path / "logs" / "oc" / "out.log").read_text()
+    assert "Train Epoch: 0" in log and "Loss:" in log
+    assert (tmp_path / "logs" / "oc" / "checkpoints" / "epoch_1.pt").exists()
