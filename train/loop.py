@@ -106,17 +106,31 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
             validate(cfg, model, val_shards, preprocess_val, tokenizer, env, log, step, out, best, teacher)
     bar.close()
     if env.is_main:
-        save_checkpoint(model, out / "checkpoints" / "final.pt")
+        export(model, cfg.model, out / "checkpoints" / "final.pt")
     log.close()
     env.barrier()
     return {"steps": step, "steps_per_epoch": steps_per_epoch, "best_val_recall": best["val_recall"],
             "final_checkpoint": str(out / "checkpoints" / "final.pt"), "last": log.last}
 
 
+def export(model, name: str, path: Path) -> None:
+    """Stock models as plain open_clip state dicts; oblique ones in our format (train.oblique.load_oblique)."""
+    if getattr(model, "oblique_k", 1) > 1:
+        from train.oblique import save_oblique
+        save_oblique(model, path, model_name=name)
+    else:
+        save_checkpoint(model, path)
+
+
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with no decay on gains, biases and the logit scale, as open_clip_train does."""
-    exclude = [p for n, p in model.named_parameters() if p.ndim < 2 or "bias" in n or "logit_scale" in n]
-    decay = [p for n, p in model.named_parameters() if not (p.ndim < 2 or "bias" in n or "logit_scale" in n)]
+    """AdamW with no decay on gains, biases, the logit scale and class tokens, as open_clip_train does."""
+    tokens = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+
+    def no_decay(name, p):
+        return p.ndim < 2 or "bias" in name or "logit_scale" in name or name in tokens
+
+    exclude = [p for n, p in model.named_parameters() if no_decay(n, p)]
+    decay = [p for n, p in model.named_parameters() if not no_decay(n, p)]
     return torch.optim.AdamW([{"params": exclude, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}],
                              lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
@@ -194,7 +208,7 @@ def validate(cfg, model, val_shards, preprocess, tokenizer, env, log, step, out:
     log.write({"step": step, "val_recall@1": score, **{f"val_{k}": v for k, v in recall.items()}}, every=1)
     if score > best["val_recall"]:
         best["val_recall"] = score
-        save_checkpoint(model, out / "checkpoints" / "best.pt")
+        export(model, cfg.model, out / "checkpoints" / "best.pt")
     if teacher is not None and score > 1.1 * best["teacher_recall"]:  # MMCL: replace on a 10% gain
         teacher.load_state_dict(model.state_dict())
         best["teacher_recall"] = score
