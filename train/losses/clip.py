@@ -1,0 +1,65 @@
+"""CLIP's symmetric InfoNCE (METHODS.md, the baseline every other loss reduces to).
+
+    logits = s * V T^T,   L_clip = 1/2 [ CE(logits, I) + CE(logits^T, I) ]   (rows are the softmax axis)
+
+Distributed (local loss against gathered features, as open_clip's ClipLoss(local_loss=True)): with
+W ranks of n pairs each, rank r takes its own n rows against all W*n gathered columns, in both
+directions, and its positives sit at columns r*n + i. It reports the mean over ITS n rows, so
+
+    mean over ranks of the reported loss == L_clip of the single-process global batch of W*n.
+
+Gradients (gather_with_grad=True, the default): the all_gather backward sums what every rank's loss
+sends to rank r's features, so rank r's embedding gradient is W times the matching slice of the
+single-process gradient of L_clip; the logit-scale gradient on rank r is d(L_r)/ds, whose mean
+over ranks is the single-process one. DDP averages parameter gradients over ranks, which turns
+both into exactly the single-process parameter gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train.distributed import gather_features
+
+
+def flat(features: torch.Tensor) -> torch.Tensor:
+    """(N, K, d) multi-token features as (N, K*d): their inner product is sum_k <u_k, v_k>."""
+    return features.flatten(1) if features.dim() > 2 else features
+
+
+class ClipLoss(nn.Module):
+    """Symmetric InfoNCE. forward(image_features, text_features, logit_scale) -> {"loss", "i2t", "t2i"}.
+
+    Features are used as given (the towers normalise them, as in open_clip); logit_scale is s, not
+    log s. "i2t" and "t2i" are the two cross-entropies, "loss" their mean.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, gather_with_grad: bool = True):
+        super().__init__()
+        self.rank, self.world_size, self.gather_with_grad = rank, world_size, gather_with_grad
+
+    def gather(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return gather_features(*tensors, gather_with_grad=self.gather_with_grad, rank=self.rank,
+                               world_size=self.world_size)
+
+    def positives(self, n: int, device) -> torch.Tensor:
+        """Column of each local row's own partner among the gathered columns."""
+        return torch.arange(n, device=device) + self.rank * n
+
+    def logits(self, v, t, all_v, all_t, logit_scale):
+        """Local rows against gathered columns: (s v T_all^T, s t V_all^T), each (n, W*n)."""
+        per_image = logit_scale * v @ all_t.T
+        if self.world_size == 1:  # one matmul: the text rows are the image columns
+            return per_image, per_image.T
+        return per_image, logit_scale * t @ all_v.T
+
+    def forward(self, image_features, text_features, logit_scale) -> dict[str, torch.Tensor]:
+        v, t = flat(image_features), flat(text_features)
+        all_v, all_t = self.gather(v, t)
+        per_image, per_text = self.logits(v, t, all_v, all_t, logit_scale)
+        labels = self.positives(v.shape[0], v.device)
+        i2t = F.cross_entropy(per_image, labels)
+        t2i = F.cross_entropy(per_text, labels)
+        return {"loss": (i2t + t2i) / 2, "i2t": i2t, "t2i": t2i}
