@@ -51,13 +51,13 @@ def resolve(config: Config) -> Config:
 
 
 def train_here(config: Config) -> dict:
-    from train.loop import train
+    from train.loop import SetupError, train
 
     cfg = config.train
     try:
         summary = train(cfg, cfg.shards, config.run_dir(), cfg.val_shards)
-    except TypeError as err:  # a loss_args key the loss does not take
-        raise ConfigError(f"train.loss_args: {err}") from None
+    except SetupError as err:
+        raise ConfigError(f"train: cannot start: {err}") from None
     if int(os.environ.get("RANK", 0)) == 0:
         write_json(join(config.run_dir(), "_summary.json"), summary)
     return summary

@@ -12,11 +12,20 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import free_port
+
 from train.distributed import gather_features
-from train.losses import (ClipLoss, MMCLLoss, ObliqueLoss, Pairs, SoftClipLoss, UnpairedLoss, build_loss, joint,
-                          teacher_pairs)
+from train.losses import (
+    ClipLoss,
+    MMCLLoss,
+    ObliqueLoss,
+    Pairs,
+    SoftClipLoss,
+    UnpairedLoss,
+    build_loss,
+    joint,
+    teacher_pairs,
+)
 from train.losses.softclip import soft_target
 
 D64 = torch.float64
@@ -268,11 +277,15 @@ def test_teacher_pairs_on_a_hand_made_matrix():
                       [0.8, 0.2, 0.7],
                       [0.6, 0.5, 0.4]])
     pairs = teacher_pairs(S)
+    assert isinstance(pairs, Pairs)
     assert pairs.image_to_text.tolist() == [1, 0, 0]  # argmax of each row
     assert pairs.text_to_image.tolist() == [1, 0, 1]  # argmax of each column
     u, w, s = unit(3, 4, seed=0), unit(3, 4, seed=1), scale(2.0)
     L = (s * u @ w.T).tolist()
-    lse = lambda xs: math.log(sum(math.exp(x) for x in xs))  # noqa: E731
+
+    def lse(xs):
+        return math.log(sum(math.exp(x) for x in xs))
+
     i2t = sum(lse(L[i]) - L[i][[1, 0, 0][i]] for i in range(3)) / 3
     t2i = sum(lse([L[i][j] for i in range(3)]) - L[[1, 0, 1][j]][j] for j in range(3)) / 3
     out = UnpairedLoss()(u, w, s, pairs=pairs)

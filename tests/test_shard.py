@@ -3,7 +3,6 @@
 import json
 import shutil
 import subprocess
-import sys
 import time
 
 import duckdb
@@ -16,7 +15,7 @@ from conftest import BIN, free_port
 from pipelines.config import ShardConfig, load_config
 from pipelines.shard import failure_reason, run_shard
 from pipelines.urllist import InputError
-from pipelines.world import build_world, write_url_list
+from pipelines.world import build_world
 from pipelines.world_server import serve_world
 
 N_TRAIN = 240

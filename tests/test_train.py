@@ -135,3 +135,50 @@ def test_open_clip_train_reads_our_shards(root, tmp_path):
     log = (tmp_path / "logs" / "oc" / "out.log").read_text()
     assert "Train Epoch: 0" in log and "Loss:" in log
     assert (tmp_path / "logs" / "oc" / "checkpoints" / "epoch_1.pt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides, message", [
+    (["train.model=ViT-Nope"], "unknown model 'ViT-Nope'"),
+    (["train.loss=softclip", "train.loss_args={alph: 0.2}"], "unexpected keyword argument 'alph'"),
+    (["train.loss=softclip", "train.loss_args={target: teacher}"], "00000.parquet: missing; the loss needs the score"),
+    (["train.pretrained=ROOT/other.pt"], "checkpoint .*other.pt does not fit model softcurate-tiny"),
+])
+def test_bad_setups_stop_before_the_first_step(root, overrides, message):
+    other, *_ = open_clip.create_model_and_transforms("RN50", pretrained=None) if "pretrained" in overrides[0] else (None,)
+    if other is not None:
+        torch.save(other.state_dict(), root / "other.pt")
+    from pipelines.config import ConfigError
+
+    config = config_for(root, "train.name=bad", "train.max_steps=2", *[o.replace("ROOT", str(root)) for o in overrides])
+    with pytest.raises(ConfigError, match="train: cannot start: .*" + message):
+        run_train(config)
+    assert not (root / "runs" / "bad" / "metrics.jsonl").exists() or not losses(root / "runs" / "bad")
+
+
+@pytest.mark.slow
+def test_bad_samples_are_skipped_and_counted(root, tmp_path):
+    import io
+    import tarfile
+
+    from train.data import make_pipeline
+    from train.models import create_model
+
+    source = root / "shards" / "00000.tar"
+    broken = tmp_path / "00000.tar"
+    with tarfile.open(source) as src, tarfile.open(broken, "w") as dst:
+        members = src.getmembers()
+        jpgs = [m.name for m in members if m.name.endswith(".jpg")]
+        for m in members:
+            data = src.extractfile(m).read()
+            if m.name == jpgs[0]:
+                data = b"<html>not an image</html>"  # undecodable
+            if m.name == jpgs[1].replace(".jpg", ".txt"):
+                continue  # a sample with no caption
+            info = tarfile.TarInfo(m.name)
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+    _, _, preprocess, tokenizer = create_model("softcurate-tiny")
+    batches = list(make_pipeline(str(broken), preprocess, tokenizer, batch_size=8))
+    assert sum(b["skipped"] for b in batches) == 2
+    assert sum(len(b["key"]) for b in batches) == len(jpgs) - 2

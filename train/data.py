@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import random
 from functools import partial
 import braceexpand
@@ -58,6 +59,21 @@ def load_scores(path: str) -> dict[str, dict] | None:
     return {row["key"]: row for row in table.iter_rows(named=True)}
 
 
+def check_scores(urls: list[str]) -> None:
+    """Before training on scores: every shard has a scores file that covers every one of its samples."""
+    for url in urls:
+        path = scores_path(url)
+        rows = load_scores(path)
+        if rows is None:
+            raise FileNotFoundError(f"{path}: missing; the loss needs the score stage's output for {url}")
+        with fsspec.open(url.removesuffix(".tar") + ".parquet", "rb") as f:
+            keys = set(pl.read_parquet(f, columns=["key", "status"]).filter(pl.col("status") == "success")["key"])
+        missing = sorted(keys - rows.keys())
+        if missing:
+            raise KeyError(f"{path}: no scores for {len(missing)} of the {len(keys)} samples of {url} "
+                           f"(e.g. {missing[:3]}); is it a scores file of another run?")
+
+
 class ScoreJoin:
     """Adds each sample's scores row; holds one shard's table at a time (samples arrive shard by shard)."""
 
@@ -77,7 +93,7 @@ class ScoreJoin:
 
 def collate(samples: list[dict]) -> dict:
     """Stack tensors and numbers; keep strings (keys) as lists; score fields become tensors."""
-    batch = {"key": [s["__key__"] for s in samples]}
+    batch = {"key": [s["__key__"] for s in samples], "skipped": sum(s.get("skipped", 0) for s in samples)}
     for name in ("image", "text"):
         if isinstance(samples[0].get(name), torch.Tensor):
             batch[name] = torch.stack([s[name] for s in samples])
@@ -117,14 +133,11 @@ def make_pipeline(urls: str | list[str], preprocess, tokenizer, batch_size: int,
     stages += [wds.tarfile_to_samples(handler=wds.warn_and_continue)]
     stages += [wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(seed * 7919 + epoch))] \
         if training else []
-    stages += [
-        wds.select(partial(has_fields, modality)),
-        wds.map(ScoreJoin(required=require_scores or min_clean_prob is not None)),
-    ]
+    stages += [wds.map(ScoreJoin(required=require_scores or min_clean_prob is not None))]
     if min_clean_prob is not None:
         stages.append(wds.select(lambda s: s["scores"]["clean_prob"] >= min_clean_prob))
     stages += [
-        wds.map(partial(decode, preprocess, tokenizer, modality), handler=wds.warn_and_continue),
+        partial(decode_samples, preprocess, tokenizer, modality),
         wds.batched(batch_size, partial=not training, collation_fn=collate),
     ]
     pipeline = wds.DataPipeline(*stages)
@@ -136,8 +149,27 @@ def has_fields(modality: str, sample: dict) -> bool:
     return {"pair": has_image and "txt" in sample, "image": has_image, "text": "txt" in sample}[modality]
 
 
+def decode_samples(preprocess, tokenizer, modality: str, samples):
+    """Decode each sample; one that lacks a side or does not decode is skipped and counted, never fatal.
+
+    The count rides on the next good sample ("skipped"), so it reaches the loop from every worker.
+    """
+    skipped = 0
+    for sample in samples:
+        try:
+            if not has_fields(modality, sample):
+                raise ValueError("no image or no caption")
+            out = decode(preprocess, tokenizer, modality, sample)
+        except Exception as err:  # a corrupt image or caption of the web: count it and go on
+            skipped += 1
+            logging.warning("skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), err)
+            continue
+        out["skipped"], skipped = skipped, 0
+        yield out
+
+
 def decode(preprocess, tokenizer, modality: str, sample: dict) -> dict:
-    """Only the side(s) asked for are decoded; a bad image raises, and the handler skips it with a warning."""
+    """Only the side(s) asked for are decoded."""
     out = {"__key__": sample["__key__"], "scores": sample.get("scores")}
     if modality in ("pair", "image"):
         data = next(sample[ext] for ext in IMAGE_EXTS.split(";") if ext in sample)

@@ -65,8 +65,8 @@ def init_distributed(device: str = "auto") -> DistEnv:
 
     gloo on the CPU, NCCL on GPUs. device "auto" is cuda:LOCAL_RANK when CUDA is available, else cpu.
     """
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)

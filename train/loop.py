@@ -18,7 +18,7 @@ import torch
 from open_clip_train.scheduler import cosine_lr
 from tqdm import tqdm
 
-from train.data import count_samples, expand_urls, make_pipeline
+from train.data import check_scores, count_samples, expand_urls, make_pipeline
 from train.distributed import init_distributed
 from train.evaluate import retrieval_recall
 from train.losses import UnpairedLoss, build_loss, teacher_pairs
@@ -28,19 +28,29 @@ from train.models import create_model, save_checkpoint
 SCORE_FIELDS = {"teacher_image": "teacher_image_emb", "teacher_text": "teacher_text_emb", "clean_prob": "clean_prob"}
 
 
+class SetupError(ValueError):
+    """Training cannot start as configured (model, checkpoint, loss, scores); raised before the first step."""
+
+
 def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | None = None) -> dict:
     out = Path(out_dir)
     env = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model, preprocess_train, preprocess_val, tokenizer = create_model(cfg.model, cfg.pretrained, env.device)
-    if cfg.oblique_k > 1:
-        from train.oblique import make_oblique
-        model = make_oblique(model, cfg.oblique_k).to(env.device)
+    urls = expand_urls(shards)
+    try:
+        model, preprocess_train, preprocess_val, tokenizer = create_model(cfg.model, cfg.pretrained, env.device)
+        if cfg.oblique_k > 1:
+            from train.oblique import make_oblique
+            model = make_oblique(model, cfg.oblique_k).to(env.device)
+        loss_fn = build_loss(cfg.loss, rank=env.rank, world_size=env.world_size, **cfg.loss_args)
+        if needs_scores(loss_fn, cfg):
+            check_scores(urls)
+    except (ValueError, TypeError, KeyError, RuntimeError, FileNotFoundError) as err:
+        raise SetupError(str(err).splitlines()[0] if str(err) else repr(err)) from err
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    loss_fn = build_loss(cfg.loss, rank=env.rank, world_size=env.world_size, **cfg.loss_args)
     scale_cap = math.log(getattr(loss_fn, "logit_scale_max", 100.0))
     if hasattr(loss_fn, "logit_scale_init"):
         with torch.no_grad():
@@ -50,7 +60,6 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
     if cfg.compile:
         ddp = torch.compile(ddp)
 
-    urls = expand_urls(shards)
     steps_per_epoch = max(1, count_samples(urls) // (cfg.batch_size * env.world_size))
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     workers = max(1, cfg.workers)
@@ -61,6 +70,7 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if unpaired and cfg.unpaired.pairing == "teacher" else None
     best = {"val_recall": -1.0, "teacher_recall": -1.0}
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg.precision, env.device))
+    skipped = 0
     bar = tqdm(total=total_steps, initial=step, disable=not env.is_main, unit="step", dynamic_ncols=True)
 
     while step < total_steps:
@@ -77,6 +87,7 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
             if i >= steps_per_epoch or step >= total_steps:
                 break
             lr = schedule(step)
+            skipped += batch["skipped"]
             model.train()
             with autocast:
                 image_features, text_features, logit_scale = ddp(batch["image"].to(env.device, non_blocking=True),
@@ -96,10 +107,10 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
             rate = cfg.batch_size * env.world_size / (now - tick)
             tick = now
             row = {"step": step, "epoch": epoch, "lr": lr, "logit_scale": model.logit_scale.exp().item(),
-                   "samples_per_s": rate, **{k: v.item() for k, v in terms.items()}}
+                   "samples_per_s": rate, "skipped_samples": skipped, **{k: v.item() for k, v in terms.items()}}
             log.write(row, every=cfg.log_every)
             bar.update(1)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("step", "epoch", "lr")})
+            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("step", "epoch", "lr", "skipped_samples")})
             if env.is_main and (step % cfg.checkpoint_every == 0 or step == total_steps):
                 save_state(out / "checkpoints" / "latest.pt", model, optimizer, step)
         if step % steps_per_epoch == 0 or step == total_steps:
@@ -109,7 +120,7 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
         export(model, cfg.model, out / "checkpoints" / "final.pt")
     log.close()
     env.barrier()
-    return {"steps": step, "steps_per_epoch": steps_per_epoch, "best_val_recall": best["val_recall"],
+    return {"steps": step, "steps_per_epoch": steps_per_epoch, "skipped_samples": skipped, "best_val_recall": best["val_recall"],
             "final_checkpoint": str(out / "checkpoints" / "final.pt"), "last": log.last}
 
 
@@ -140,7 +151,8 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 
 def needs_scores(loss_fn, cfg) -> bool:
-    return cfg.loss == "softclip" and getattr(loss_fn, "target", "teacher") == "teacher"
+    adaptive = getattr(loss_fn, "alpha_min", None) is not None  # noise-adaptive alpha reads clean_prob
+    return cfg.min_clean_prob is not None or (cfg.loss == "softclip" and (loss_fn.target == "teacher" or adaptive))
 
 
 def call_loss(loss_fn, image_features, text_features, logit_scale, batch: dict, device) -> dict:

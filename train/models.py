@@ -33,8 +33,13 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
                          f"e.g. softcurate-tiny, ViT-B-32, RN50")
     if pretrained and Path(pretrained).suffix in (".pt", ".bin", ".safetensors") and not Path(pretrained).exists():
         raise FileNotFoundError(f"checkpoint not found: {pretrained}")
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained, device=device, weights_only=True)
+    try:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device, weights_only=True)
+    except (RuntimeError, AssertionError) as err:  # open_clip's load_state_dict / pos-embed checks
+        if not pretrained:
+            raise
+        raise ValueError(f"checkpoint {pretrained} does not fit model {name}: {str(err).splitlines()[0]}") from err
     return model, preprocess_train, preprocess_val, open_clip.get_tokenizer(name)
 
 
