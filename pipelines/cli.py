@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InputError) as err:
         print(f"softcurate {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"softcurate {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        print(f"softcurate {args.command}: {stop or 'interrupted; re-run the same command to resume'}", file=sys.stderr)
         return 130
     return 0
 

@@ -182,3 +182,22 @@ def test_bad_samples_are_skipped_and_counted(root, tmp_path):
     batches = list(make_pipeline(str(broken), preprocess, tokenizer, batch_size=8))
     assert sum(b["skipped"] for b in batches) == 2
     assert sum(len(b["key"]) for b in batches) == len(jpgs) - 2
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_at_a_step_boundary(root):
+    command = [str(BIN / "softcurate"), "train", "--name=term", f"--root={root}", "--set", f"world.dir={root}/world",
+               "--max-steps=400", "--checkpoint-every=1000", "--batch-size=32", "--workers=1", "--log-every=1",
+               "--threads=1"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = root / "runs" / "term" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "checkpoint saved, re-run to resume" in err
+    state = torch.load(root / "runs" / "term" / "checkpoints" / "latest.pt", weights_only=True)
+    assert 3 <= state["step"] < 400
+    assert state["step"] == len(losses(root / "runs" / "term"))

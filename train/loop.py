@@ -11,6 +11,8 @@ import copy
 import inspect
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from train.evaluate import retrieval_recall
 from train.losses import UnpairedLoss, build_loss, teacher_pairs
 from train.models import create_model, save_checkpoint
 
+NOT_IN_BAR = ("step", "epoch", "lr", "skipped_samples")
 # Batch fields from the score stage, by the loss argument that takes them.
 SCORE_FIELDS = {"teacher_image": "teacher_image_emb", "teacher_text": "teacher_text_emb", "clean_prob": "clean_prob"}
 
@@ -73,48 +76,47 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
     skipped = 0
     bar = tqdm(total=total_steps, initial=step, disable=not env.is_main, unit="step", dynamic_ncols=True)
 
-    while step < total_steps:
-        epoch, skip = divmod(step, steps_per_epoch)
-        pipeline = make_pipeline(urls, preprocess_train, tokenizer, cfg.batch_size, seed=cfg.seed, epoch=epoch,
-                                 batches_per_worker=math.ceil(steps_per_epoch / workers),
-                                 min_clean_prob=cfg.min_clean_prob, require_scores=needs_scores(loss_fn, cfg))
-        loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=cfg.workers,
-                                             pin_memory=env.device.type == "cuda")
-        tick = time.perf_counter()
-        for i, batch in enumerate(loader):
-            if i < skip:  # resume: replay the epoch's order, skip what was already trained on
-                continue
-            if i >= steps_per_epoch or step >= total_steps:
-                break
-            lr = schedule(step)
-            skipped += batch["skipped"]
-            model.train()
-            with autocast:
-                image_features, text_features, logit_scale = ddp(batch["image"].to(env.device, non_blocking=True),
-                                                                 batch["text"].to(env.device, non_blocking=True))
-                terms = call_loss(loss_fn, image_features, text_features, logit_scale, batch, env.device)
-                if unpaired is not None:
-                    terms = unpaired.add_terms(terms, ddp, teacher, logit_scale, step, total_steps)
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, scale_cap)
-            step += 1
-            now = time.perf_counter()
-            rate = cfg.batch_size * env.world_size / (now - tick)
-            tick = now
-            row = {"step": step, "epoch": epoch, "lr": lr, "logit_scale": model.logit_scale.exp().item(),
-                   "samples_per_s": rate, "skipped_samples": skipped, **{k: v.item() for k, v in terms.items()}}
-            log.write(row, every=cfg.log_every)
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("step", "epoch", "lr", "skipped_samples")})
-            if env.is_main and (step % cfg.checkpoint_every == 0 or step == total_steps):
-                save_state(out / "checkpoints" / "latest.pt", model, optimizer, step)
-        if step % steps_per_epoch == 0 or step == total_steps:
-            validate(cfg, model, val_shards, preprocess_val, tokenizer, env, log, step, out, best, teacher)
+    stop = install_stop_handlers()
+    try:
+        while step < total_steps:
+            epoch, skip = divmod(step, steps_per_epoch)
+            pipeline = make_pipeline(urls, preprocess_train, tokenizer, cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                                     batches_per_worker=math.ceil(steps_per_epoch / workers),
+                                     min_clean_prob=cfg.min_clean_prob, require_scores=needs_scores(loss_fn, cfg))
+            loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=cfg.workers,
+                                                 pin_memory=env.device.type == "cuda")
+            tick = time.perf_counter()
+            for i, batch in enumerate(loader):
+                if i < skip:  # resume: replay the epoch's order, skip what was already trained on
+                    continue
+                if i >= steps_per_epoch or step >= total_steps:
+                    break
+                lr = schedule(step)
+                skipped += batch["skipped"]
+                terms = train_step(ddp, model, loss_fn, optimizer, batch, env, autocast, cfg.grad_clip, scale_cap,
+                                   unpaired, teacher, step, total_steps)
+                step += 1
+                now = time.perf_counter()
+                rate, tick = cfg.batch_size * env.world_size / (now - tick), now
+                row = {"step": step, "epoch": epoch, "lr": lr, "logit_scale": model.logit_scale.exp().item(),
+                       "samples_per_s": rate, "skipped_samples": skipped, **{k: v.item() for k, v in terms.items()}}
+                log.write(row, every=cfg.log_every)
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in NOT_IN_BAR})
+                if env.is_main and (step % cfg.checkpoint_every == 0 or step == total_steps):
+                    save_state(out / "checkpoints" / "latest.pt", model, optimizer, step)
+                if stop.is_set():
+                    raise KeyboardInterrupt
+            if step % steps_per_epoch == 0 or step == total_steps:
+                validate(cfg, model, val_shards, preprocess_val, tokenizer, env, log, step, out, best, teacher)
+    except (KeyboardInterrupt, RuntimeError) as err:
+        # Stopped between steps (Ctrl-C, SIGTERM, or the data workers killed with us): the state is consistent.
+        if not (stop.is_set() or isinstance(err, KeyboardInterrupt)):
+            raise
+        if env.is_main:
+            save_state(out / "checkpoints" / "latest.pt", model, optimizer, step)
+        log.close()
+        raise KeyboardInterrupt(f"stopped at step {step}; checkpoint saved, re-run to resume") from None
     bar.close()
     if env.is_main:
         export(model, cfg.model, out / "checkpoints" / "final.pt")
@@ -122,6 +124,35 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
     env.barrier()
     return {"steps": step, "steps_per_epoch": steps_per_epoch, "skipped_samples": skipped, "best_val_recall": best["val_recall"],
             "final_checkpoint": str(out / "checkpoints" / "final.pt"), "last": log.last}
+
+
+def train_step(ddp, model, loss_fn, optimizer, batch, env, autocast, grad_clip, scale_cap, unpaired, teacher,
+               step: int, total_steps: int) -> dict:
+    """One optimiser step on one batch; returns the loss terms (detached by the caller's .item())."""
+    model.train()
+    with autocast:
+        image_features, text_features, logit_scale = ddp(batch["image"].to(env.device, non_blocking=True),
+                                                         batch["text"].to(env.device, non_blocking=True))
+        terms = call_loss(loss_fn, image_features, text_features, logit_scale, batch, env.device)
+        if unpaired is not None:
+            terms = unpaired.add_terms(terms, ddp, teacher, logit_scale, step, total_steps)
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, scale_cap)
+    return terms
+
+
+def install_stop_handlers() -> threading.Event:
+    """Ctrl-C and SIGTERM ask for a stop at the next step boundary, where the checkpoint is consistent."""
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    return stop
 
 
 def export(model, name: str, path: Path) -> None:
