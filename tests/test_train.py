@@ -201,3 +201,15 @@ def test_sigterm_checkpoints_at_a_step_boundary(root):
     state = torch.load(root / "runs" / "term" / "checkpoints" / "latest.pt", weights_only=True)
     assert 3 <= state["step"] < 400
     assert state["step"] == len(losses(root / "runs" / "term"))
+
+
+@pytest.mark.slow
+def test_grad_checkpointing_is_exact_and_bf16_autocast_runs(root):
+    plain = run_train(config_for(root, "train.name=plain", "train.max_steps=3"))
+    checkpointed = run_train(config_for(root, "train.name=gc", "train.max_steps=3", "train.grad_checkpointing=true"))
+    torch.testing.assert_close(torch.tensor(losses(root / "runs" / "gc")), torch.tensor(losses(root / "runs" / "plain")))
+    assert plain["steps"] == checkpointed["steps"] == 3
+    run_train(config_for(root, "train.name=bf16", "train.max_steps=3", "train.precision=bf16"))
+    curve = losses(root / "runs" / "bf16")
+    assert len(curve) == 3 and all(map(torch.isfinite, torch.tensor(curve)))
+    assert curve != losses(root / "runs" / "plain")  # autocast really changed the arithmetic

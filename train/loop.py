@@ -74,7 +74,7 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
     best = {"val_recall": -1.0, "teacher_recall": -1.0}
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg.precision, env.device))
     skipped = 0
-    bar = tqdm(total=total_steps, initial=step, disable=not env.is_main, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, disable=not env.is_main, unit="step", dynamic_ncols=True, mininterval=1.0)
 
     stop = install_stop_handlers()
     try:
