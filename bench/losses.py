@@ -7,10 +7,11 @@ Time: one process, float32 on the CPU, per batch size N: two warm-up calls of ev
 figure is the median over rounds of one forward + backward (features and logit scale are leaf
 tensors, as the towers' outputs are), and the ratio is that median over ClipLoss's.
 
-Memory: each (loss, N) runs in a fresh subprocess, which reads resource.getrusage().ru_maxrss (the
-process's resident high-water mark, KiB on Linux) after building its inputs and after one forward +
-backward; the difference is the loss's peak extra memory (its N x N matrices and autograd buffers).
-tracemalloc would not see it: torch allocates outside Python's allocator.
+Memory: each (loss, N) runs in a fresh subprocess that builds its inputs, resets the kernel's
+resident high-water mark (writing 5 to /proc/self/clear_refs), runs one forward + backward and
+reads VmHWM - VmRSS-before from /proc/self/status: the loss's peak extra resident memory (its
+N x N matrices and autograd buffers). resource's ru_maxrss cannot be reset (importing torch sets a
+higher mark than a loss step), and tracemalloc does not see torch's allocations.
 
 It prints; it asserts nothing. Targets (the issue): SoftCLIP <= 2.0x, oblique <= 1.3x, MMCL <= 1.5x.
 """
@@ -18,7 +19,6 @@ It prints; it asserts nothing. Targets (the issue): SoftCLIP <= 2.0x, oblique <=
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train.losses import ClipLoss, MMCLLoss, ObliqueLoss, SoftClipLoss  # noqa: E402
+from train.losses import ClipLoss, MMCLLoss, ObliqueLoss, SoftClipLoss
 
 # name -> (loss, oblique tokens K (0: flat features), logit scale, teacher inputs?, target ratio)
 CASES = {
@@ -83,12 +83,19 @@ def peak_memory_mib(name: str, n: int, dim: int, threads: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def memory_child(name: str, n: int, dim: int) -> None:
     loss, data = CASES[name][0](), inputs(name, n, dim)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = status_kib("VmRSS")
     step(loss, *data)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) / 1024)
+    print((status_kib("VmHWM") - before) / 1024)
 
 
 def main() -> None:

@@ -108,6 +108,22 @@ def test_mmcl_clip_choice_is_clip_loss_at_scale_one_over_tau():
     close(rows + cols, 2 * tau * out["loss"])
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.5, 2.0])
+def test_mmcl_clip_choice_with_another_eps_is_the_formula(eps):
+    v, t, tau = unit(6, 5, seed=0), unit(6, 5, seed=1), 0.25
+    sim, n = (v @ t.T).tolist(), 6
+
+    def term(pairs):  # phi(eps + sum_{j!=i} psi(.)), phi = tau log, psi = exp(./tau)
+        return tau * math.log(eps + sum(math.exp(x / tau) for x in pairs))
+
+    rows = sum(term([sim[i][j] - sim[i][i] for j in range(n) if j != i]) for i in range(n)) / n
+    cols = sum(term([sim[j][i] - sim[i][i] for j in range(n) if j != i]) for i in range(n)) / n
+    out = MMCLLoss("clip", eps=eps)(v, t, scale(1 / tau))
+    close(out["i2t"], rows / tau)
+    close(out["t2i"], cols / tau)
+    close(out["loss"], (rows + cols) / (2 * tau))  # L_paper / (2 tau)
+
+
 def test_mmcl_linear_matches_a_hand_computation():
     # v = rows of the similarity matrix, t = identity: s = [[1, .5], [.2, .8]].
     v, t = torch.tensor([[1.0, 0.5], [0.2, 0.8]], dtype=D64), torch.eye(2, dtype=D64)
@@ -177,8 +193,9 @@ def test_softclip_orthogonal_teacher_gives_a_near_one_hot_target():
 def test_softclip_self_target_is_detached():
     v, t, s = unit(6, 5, seed=0).requires_grad_(), unit(6, 5, seed=1).requires_grad_(), scale(4.0).requires_grad_()
     loss = SoftClipLoss(target="self")
-    sim_image, sim_text, tau_s = loss.self_similarity(v, t, v, t, s, None, None)
-    assert not sim_image.requires_grad and not sim_text.requires_grad and not tau_s.requires_grad
+    z_image, z_text = loss.scaled_self_similarity(v, t, v, t, s, None, None)
+    assert not z_image.requires_grad and not z_text.requires_grad
+    close(z_image, 4.0 * v @ v.T, tol=1e-12)  # tau_s = 1/s of the student
     grads_self = torch.autograd.grad(loss(v, t, s)["loss"], (v, t, s))
     # The same target from frozen copies as a "teacher": a gradient path through the target would differ.
     frozen = SoftClipLoss(target="teacher", tau_s=1 / 4.0)
@@ -319,6 +336,7 @@ def cases():
         "softclip_self": (SoftClipLoss(target="self"), flat, {}, {}),
         "oblique": (ObliqueLoss(), tok, {}, {}),
         "mmcl_clip": (MMCLLoss("clip", rho=0.1), flat, {}, {"image_encoder": g1, "text_encoder": g2}),
+        "mmcl_clip_eps": (MMCLLoss("clip", eps=0.5), flat, {}, {}),
         "mmcl_linear": (MMCLLoss("linear", tau=0.5, rho=0.1), flat, {}, {"image_encoder": g1, "text_encoder": g2}),
         "unpaired": (UnpairedLoss(), flat, {}, {}),
     }

@@ -213,3 +213,44 @@ def test_grad_checkpointing_is_exact_and_bf16_autocast_runs(root):
     curve = losses(root / "runs" / "bf16")
     assert len(curve) == 3 and all(map(torch.isfinite, torch.tensor(curve)))
     assert curve != losses(root / "runs" / "plain")  # autocast really changed the arithmetic
+
+
+@pytest.mark.slow
+def test_mmcl_sequential_with_a_frozen_teacher(root):
+    config = config_for(root, "train.name=mmcl_seq", "train.loss=mmcl", "train.max_steps=12",
+                        f"train.shards={root}/shards/{{00000..00001}}.tar",
+                        f"train.unpaired.images={root}/shards/00002.tar", f"train.unpaired.texts={root}/shards/00003.tar",
+                        "train.unpaired.batch_size=16", "train.unpaired.schedule=sequential",
+                        "train.unpaired.pairing=teacher", "train.unpaired.paired_fraction=0.5")
+    run_train(config)
+    rows = [json.loads(line) for line in (root / "runs" / "mmcl_seq" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [("unpaired_loss" in r) for r in steps] == [False] * 6 + [True] * 6  # pairs first, then unpaired only
+    assert all(r["loss"] == r["unpaired_loss"] for r in steps[6:])
+
+
+@pytest.mark.slow
+def test_softclip_with_teacher_scores_and_adaptive_alpha(root, tmp_path):
+    """The score stage's fields (teacher embeddings, clean_prob) reach the loss through the loader."""
+    import polars as pl
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(root / "shards", shards)
+    (tmp_path / "scores").mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for path in sorted(shards.glob("0*.parquet")):
+        keys = pl.read_parquet(path).filter(pl.col("status") == "success")["key"]
+        n = len(keys)
+        pl.DataFrame({"key": keys, "clean_prob": torch.rand(n, generator=generator).tolist(),
+                      "teacher_image_emb": torch.randn(n, 8, generator=generator).half().tolist(),
+                      "teacher_text_emb": torch.randn(n, 8, generator=generator).half().tolist()}).write_parquet(
+            tmp_path / "scores" / path.name)
+    config = config_for(root, "train.name=softclip_teacher", "train.loss=softclip", "train.max_steps=20",
+                        f"train.shards={shards}/{{00000..00003}}.tar",
+                        "train.loss_args={target: teacher, alpha_min: 0.1, alpha_max: 0.5, beta: 1.0}")
+    run_train(config)
+    curve = losses(root / "runs" / "softclip_teacher")
+    assert len(curve) == 20 and falls(curve)
+    rows = [json.loads(line) for line in (root / "runs" / "softclip_teacher" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["neg"] > 0 and r["soft"] > 0 for r in rows if "loss" in r)

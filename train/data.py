@@ -15,7 +15,7 @@ from functools import partial
 import braceexpand
 import fsspec
 import numpy as np
-import polars as pl
+import pyarrow.parquet as pq
 import torch
 import webdataset as wds
 from PIL import Image
@@ -48,15 +48,19 @@ def scores_path(shard_url: str) -> str:
 
 
 def load_scores(path: str) -> dict[str, dict] | None:
-    """One shard's scores by key, or None when the score stage has not written them."""
+    """One shard's scores by key, or None when the score stage has not written them.
+
+    pyarrow without threads, not polars: this runs in forked data workers, where a thread pool
+    inherited from the parent can deadlock.
+    """
     fs, p = fsspec.core.url_to_fs(path)
     if not fs.exists(p):
         return None
     with fs.open(p, "rb") as f:
-        table = pl.read_parquet(f)
-    if "key" not in table.columns:
-        raise ValueError(f"{path}: a scores file must have a 'key' column; it has {table.columns}")
-    return {row["key"]: row for row in table.iter_rows(named=True)}
+        table = pq.read_table(f, use_threads=False)
+    if "key" not in table.column_names:
+        raise ValueError(f"{path}: a scores file must have a 'key' column; it has {table.column_names}")
+    return {row["key"]: row for row in table.to_pylist()}
 
 
 def check_scores(urls: list[str]) -> None:
@@ -67,7 +71,8 @@ def check_scores(urls: list[str]) -> None:
         if rows is None:
             raise FileNotFoundError(f"{path}: missing; the loss needs the score stage's output for {url}")
         with fsspec.open(url.removesuffix(".tar") + ".parquet", "rb") as f:
-            keys = set(pl.read_parquet(f, columns=["key", "status"]).filter(pl.col("status") == "success")["key"])
+            shard = pq.read_table(f, columns=["key", "status"], use_threads=False).to_pydict()
+        keys = {k for k, status in zip(shard["key"], shard["status"]) if status == "success"}
         missing = sorted(keys - rows.keys())
         if missing:
             raise KeyError(f"{path}: no scores for {len(missing)} of the {len(keys)} samples of {url} "

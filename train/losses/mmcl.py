@@ -8,6 +8,9 @@ MMCLLoss, the general family on similarities s_ij = <v_i, t_j> (encoders G1, G2:
 
     "clip":   phi = tau * log, psi = exp(. / tau), eps = 1
     "linear": phi = psi = identity,              eps = 0
+    (eps can be set for either.) Neither builds psi's N x N matrix of exps: "clip" is computed as the
+    cross-entropy of the logits s_ij / tau (with log eps added at the positive when eps != 1), and
+    "linear" needs no N x N matrix at all: sum_{j!=i} (s_ij - s_ii) = <v_i, sum_j t_j> - N s_ii.
 
 Scaling. For "clip", tau * log(1 + sum_{j!=i} exp((s_ij - s_ii)/tau)) = tau * CE_i(logits s_ij / tau),
 so L_paper = 2 tau * L_clip at logit scale 1/tau. We report L_paper / (2 tau), every term included:
@@ -36,6 +39,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from train.losses.clip import ClipLoss, flat
@@ -63,11 +67,17 @@ class MMCLLoss(ClipLoss):
                 text_encoder=None) -> dict[str, torch.Tensor]:
         v, t = flat(image_features), flat(text_features)
         all_v, all_t = self.gather(v, t)
-        sim_rows, sim_cols = self.logits(v, t, all_v, all_t, 1.0)  # raw s_ij: local rows x gathered columns
         tau = self.tau if self.tau is not None else 1.0 / logit_scale
         positives = self.positives(v.shape[0], v.device)
-        i2t = self.phi_psi(sim_rows, positives, tau).mean() / tau
-        t2i = self.phi_psi(sim_cols, positives, tau).mean() / tau
+        if self.choice == "clip":
+            # phi(eps + sum_{j!=i} psi(s_ij - s_ii)) / tau = log(eps + sum_{j!=i} exp(l_ij - l_ii)), l = s / tau
+            per_image, per_text = self.logits(v, t, all_v, all_t, 1.0 / tau)
+            i2t, t2i = self.clip_rows(per_image, positives), self.clip_rows(per_text, positives)
+        else:
+            # phi = psi = id: eps + sum_{j!=i} (s_ij - s_ii) = eps + <v_i, sum_j t_j> - N s_ii, no N x N matrix
+            s_pos, n_all = (v * t).sum(1), all_t.shape[0]
+            i2t = (self.eps + v @ all_t.sum(0) - n_all * s_pos).mean() / tau
+            t2i = (self.eps + t @ all_v.sum(0) - n_all * s_pos).mean() / tau
         reg = i2t.new_zeros(())
         if self.rho and image_encoder is not None and text_encoder is not None:
             reg = self.rho / 2 * (image_encoder.T @ text_encoder).square().sum() / (2 * tau)
@@ -76,18 +86,16 @@ class MMCLLoss(ClipLoss):
             loss = loss + 0 * logit_scale  # a fixed tau leaves the model's scale unused; DDP fails on unused params
         return {"loss": loss, "i2t": i2t, "t2i": t2i, "reg": reg}
 
-    def phi_psi(self, sim: torch.Tensor, positives: torch.Tensor, tau) -> torch.Tensor:
-        """phi(eps + sum_{j != i} psi(s_ij - s_ii)) for every local row i (paper units)."""
-        rows = torch.arange(sim.shape[0], device=sim.device)
-        diff = sim - sim[rows, positives][:, None]  # s_ij - s_ii
-        mask = torch.zeros_like(sim, dtype=torch.bool)
-        mask[rows, positives] = True
-        if self.choice == "clip":
-            # tau * log(eps + sum_{j!=i} exp(diff/tau)) in log space: the positive's slot holds log(eps)
-            # (log 1 = 0 = diff_ii for CLIP's eps = 1), so no exp can overflow.
-            log_eps = math.log(self.eps) if self.eps > 0 else float("-inf")
-            return tau * torch.logsumexp((diff / tau).masked_fill(mask, log_eps), dim=1)
-        return self.eps + diff.masked_fill(mask, 0.0).sum(1)  # linear: phi = psi = identity
+    def clip_rows(self, logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+        """mean_i log(eps + sum_{j!=i} exp(l_ij - l_ii)) = mean_i [logsumexp_j l~_ij - l_ii], where l~ is l with
+        log(eps) added at the positive: for CLIP's eps = 1, l~ = l and this is the cross-entropy itself."""
+        if self.eps == 1:
+            return F.cross_entropy(logits, positives)
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        logit_pos = logits[rows, positives]
+        log_eps = math.log(self.eps) if self.eps > 0 else float("-inf")
+        shifted = logits.index_put((rows, positives), logit_pos + log_eps)
+        return (torch.logsumexp(shifted, dim=1) - logit_pos).mean()
 
 
 class Pairs(NamedTuple):

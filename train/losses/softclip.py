@@ -79,8 +79,8 @@ class SoftClipLoss(ClipLoss):
         with torch.no_grad():
             z_image, z_text = self.scaled_self_similarity(v, t, all_v, all_t, logit_scale, teacher_image, teacher_text)
             alpha = self.alphas(clean_prob, v)
-        soft_i2t, neg_i2t = SoftTargetKL.apply(per_image, z_image, alpha, positives)
-        soft_t2i, neg_t2i = SoftTargetKL.apply(per_text, z_text, alpha, positives)
+        soft_i2t, neg_i2t = SoftTargetKL.apply(wide(per_image), wide(z_image), wide(alpha), positives)
+        soft_t2i, neg_t2i = SoftTargetKL.apply(wide(per_text), wide(z_text), wide(alpha), positives)
         soft, neg = (soft_i2t + soft_t2i) / 2, (neg_i2t + neg_t2i) / 2
         return {"loss": soft + self.beta * neg, "soft": soft, "neg": neg}
 
@@ -146,10 +146,15 @@ class SoftTargetKL(torch.autograd.Function):
         p_neg, q_neg, a, b, positives = ctx.saved_tensors
         n = p_neg.shape[0]
         # off the positive: grad_soft (b pneg - a qneg) + grad_neg (pneg - qneg); at it: grad_soft (a - b)
-        grad = p_neg.mul_(((grad_soft * b + grad_neg) / n)[:, None])
+        grad = p_neg * ((grad_soft * b + grad_neg) / n)[:, None]  # not in place: backward may run again
         grad.addcmul_(q_neg, (-(grad_soft * a + grad_neg) / n)[:, None])
         grad[torch.arange(n, device=grad.device), positives] = grad_soft * (a - b) / n
         return grad, None, None, None
+
+
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 (autocast) as float32: the softmaxes and logs below need the range."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def negatives_softmax(x: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
