@@ -22,3 +22,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+NO_FAILING_URLS = '{"http_404": 0, "http_500": 0, "timeout": 0, "truncated": 0, "html": 0}'
+
+
+def make_demo_shards(base: Path, n_train: int, per_shard: int, n_val: int = 2, failing: str = NO_FAILING_URLS) -> Path:
+    """A small demo world sharded by the real shard stage (one Dask worker): what the train-side tests read."""
+    from pipelines.config import load_config
+    from pipelines.shard import run_shard
+
+    run_shard(load_config(None, [
+        f"root={base}", f"world.dir={base}/world", f"world.n_train={n_train}", f"world.n_val={n_val}",
+        "world.n_test=2", f"world.failing_urls={failing}", "shard.processes=1", "shard.threads=8",
+        f"shard.samples_per_shard={per_shard}", "shard.image_size=64"]))
+    return base

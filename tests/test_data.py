@@ -4,8 +4,7 @@ import polars as pl
 import pytest
 import torch
 
-from pipelines.config import load_config
-from pipelines.shard import run_shard
+from conftest import make_demo_shards
 from train.data import count_samples, expand_urls, make_pipeline
 from train.models import create_model
 
@@ -14,12 +13,7 @@ N = 120
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    base = tmp_path_factory.mktemp("data")
-    config = load_config(None, [
-        f"root={base}", f"world.dir={base}/world", f"world.n_train={N}", "world.n_val=2", "world.n_test=2",
-        'world.failing_urls={"http_404": 0, "http_500": 0, "timeout": 0, "truncated": 0, "html": 0}',
-        "shard.processes=1", "shard.threads=8", "shard.samples_per_shard=50", "shard.image_size=64"])
-    run_shard(config)
+    base = make_demo_shards(tmp_path_factory.mktemp("data"), N, per_shard=50)
     _, _, preprocess, tokenizer = create_model("softcurate-tiny")
     return f"{base}/shards/{{00000..00002}}.tar", preprocess, tokenizer, base
 

@@ -13,9 +13,8 @@ import open_clip
 import pytest
 import torch
 
-from conftest import BIN
+from conftest import BIN, make_demo_shards
 from pipelines.config import load_config
-from pipelines.shard import run_shard
 from pipelines.train import run_train
 
 N = 256
@@ -25,13 +24,8 @@ TRAIN = ["train.batch_size=32", "train.workers=1", "train.warmup_steps=2", "trai
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    base = tmp_path_factory.mktemp("train")
-    config = load_config(None, [
-        f"root={base}", f"world.dir={base}/world", f"world.n_train={N}", "world.n_val=64", "world.n_test=2",
-        'world.failing_urls={"http_404": 1, "http_500": 0, "timeout": 0, "truncated": 0, "html": 0}',
-        "shard.processes=1", "shard.threads=8", "shard.samples_per_shard=64", "shard.image_size=64"])
-    run_shard(config)
-    return base
+    failing = '{"http_404": 1, "http_500": 0, "timeout": 0, "truncated": 0, "html": 0}'
+    return make_demo_shards(tmp_path_factory.mktemp("train"), N, per_shard=64, n_val=64, failing=failing)
 
 
 def config_for(root, *overrides):
