@@ -87,3 +87,18 @@ def test_scores_joined_by_key_and_filtered(shards, tmp_path):
     pl.read_parquet(base / "scores" / "00001.parquet").head(3).write_parquet(base / "scores" / "00001.parquet")
     with pytest.raises(KeyError, match=r"00001.tar: no scores for sample"):
         list(make_pipeline(urls, preprocess, tokenizer, batch_size=4, require_scores=True))
+
+
+@pytest.mark.slow
+def test_fsspec_urls(shards):
+    """Shards on an fsspec filesystem (memory:// here; s3:// the same way) read like local ones."""
+    import fsspec
+
+    _, preprocess, tokenizer, base = shards
+    fs = fsspec.filesystem("memory")
+    for name in ("00000.tar", "00000_stats.json"):
+        fs.pipe(f"/bucket/shards/{name}", (base / "shards" / name).read_bytes())
+    url = "memory://bucket/shards/00000.tar"
+    assert count_samples([url]) == 50
+    keys = keys_of(make_pipeline(url, preprocess, tokenizer, batch_size=10))
+    assert len(keys) == len(set(keys)) == 50

@@ -19,8 +19,20 @@ import pyarrow.parquet as pq
 import torch
 import webdataset as wds
 from PIL import Image
+from webdataset.gopen import gopen_schemes
 
 IMAGE_EXTS = "jpg;jpeg;png;webp"
+FSSPEC_SCHEMES = ("s3", "s3a", "gcs", "az", "abfs", "abfss", "memory", "hdfs", "webhdfs")
+
+
+def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    return fsspec.open(url, mode).open()
+
+
+# webdataset opens local paths, pipe:, http(s) and gs by itself; object stores go through fsspec,
+# like every other read and write of softcurate.
+for _scheme in FSSPEC_SCHEMES:
+    gopen_schemes.setdefault(_scheme, gopen_fsspec)
 
 
 def expand_urls(urls: str | list[str]) -> list[str]:

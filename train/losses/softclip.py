@@ -74,6 +74,8 @@ class SoftClipLoss(ClipLoss):
                 clean_prob=None) -> dict[str, torch.Tensor]:
         v, t = flat(image_features), flat(text_features)
         all_v, all_t = self.gather(v, t)
+        if all_v.shape[0] < 2:
+            raise ValueError("SoftClipLoss needs at least 2 pairs in the (global) batch: the targets are over negatives")
         per_image, per_text = self.logits(v, t, all_v, all_t, logit_scale)
         positives = self.positives(v.shape[0], v.device)
         with torch.no_grad():
