@@ -30,8 +30,10 @@ def run_train(config: Config) -> dict:
         summary = train_here(config)
     record_stage(config, f"train:{config.train.name}", {"output": out, "summary": summary})
     last = summary.get("last", {})
+    val = f"{summary['best_val_recall']:.3f}" if summary["best_val_recall"] >= 0 else "n/a (no validation split)"
     print(f"\ntrain summary: {summary['steps']} steps, loss {last.get('loss', float('nan')):.4f}, "
-          f"best val R@1 {summary['best_val_recall']:.3f}, checkpoint {summary['final_checkpoint']}")
+          f"{summary['skipped_samples']} bad samples skipped, best val R@1 {val}, "
+          f"checkpoint {summary['final_checkpoint']}")
     return summary
 
 
