@@ -137,6 +137,9 @@ def test_open_clip_train_reads_our_shards(root, tmp_path):
     (["train.loss=softclip", "train.loss_args={alph: 0.2}"], "unexpected keyword argument 'alph'"),
     (["train.loss=softclip", "train.loss_args={target: teacher}"], "00000.parquet: missing; the loss needs the score"),
     (["train.pretrained=ROOT/other.pt"], "checkpoint .*other.pt does not fit model softcurate-tiny"),
+    (["train.loss=mmcl", "train.unpaired.images=ROOT/shards/00004.tar", "train.unpaired.texts=ROOT/shards/00003.tar"],
+     "no samples in .*00004.tar"),
+    (["train.loss=mmcl", "train.unpaired.images=ROOT/shards/00002.tar"], "needs both train.unpaired.images and"),
 ])
 def test_bad_setups_stop_before_the_first_step(root, overrides, message):
     other, *_ = open_clip.create_model_and_transforms("RN50", pretrained=None) if "pretrained" in overrides[0] else (None,)

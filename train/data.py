@@ -41,17 +41,27 @@ def expand_urls(urls: str | list[str]) -> list[str]:
     return [u for part in parts for u in braceexpand.braceexpand(part)]
 
 
+def shard_samples(url: str) -> int:
+    """Samples in one shard, from img2dataset's stats (no need to read the tar)."""
+    stats_path = url.removesuffix(".tar") + "_stats.json"
+    try:
+        with fsspec.open(stats_path, "r") as f:
+            return json.load(f)["successes"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{stats_path}: missing; is {url} a shard of the shard stage?") from None
+
+
 def count_samples(urls: list[str]) -> int:
-    """Samples in the shards, from img2dataset's per-shard stats (no need to read the tars)."""
-    total = 0
-    for url in urls:
-        stats_path = url.removesuffix(".tar") + "_stats.json"
-        try:
-            with fsspec.open(stats_path, "r") as f:
-                total += json.load(f)["successes"]
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{stats_path}: missing; is {url} a shard of the shard stage?") from None
-    return total
+    return sum(shard_samples(url) for url in urls)
+
+
+def nonempty_shards(urls: str | list[str]) -> list[str]:
+    """The shards that hold samples: resampling an empty one (every url failed) would spin forever."""
+    urls = expand_urls(urls)
+    kept = [url for url in urls if shard_samples(url) > 0]
+    if not kept:
+        raise ValueError(f"no samples in {urls[0]}" + (f" or the {len(urls) - 1} other shards" if len(urls) > 1 else ""))
+    return kept
 
 
 def scores_path(shard_url: str) -> str:

@@ -20,7 +20,7 @@ import torch
 from open_clip_train.scheduler import cosine_lr
 from tqdm import tqdm
 
-from train.data import check_scores, count_samples, expand_urls, make_pipeline
+from train.data import check_scores, count_samples, make_pipeline, nonempty_shards
 from train.distributed import init_distributed
 from train.evaluate import retrieval_recall
 from train.losses import UnpairedLoss, build_loss, teacher_pairs
@@ -41,8 +41,8 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    urls = expand_urls(shards)
     try:
+        urls = nonempty_shards(shards)
         model, preprocess_train, preprocess_val, tokenizer = create_model(cfg.model, cfg.pretrained, env.device)
         if cfg.oblique_k > 1:
             from train.oblique import make_oblique
@@ -50,6 +50,11 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
         loss_fn = build_loss(cfg.loss, rank=env.rank, world_size=env.world_size, **cfg.loss_args)
         if needs_scores(loss_fn, cfg):
             check_scores(urls)
+        pools = None
+        if cfg.unpaired.images or cfg.unpaired.texts:
+            if not (cfg.unpaired.images and cfg.unpaired.texts):
+                raise ValueError("unpaired training needs both train.unpaired.images and train.unpaired.texts")
+            pools = {"images": nonempty_shards(cfg.unpaired.images), "texts": nonempty_shards(cfg.unpaired.texts)}
     except (ValueError, TypeError, KeyError, RuntimeError, FileNotFoundError) as err:
         raise SetupError(str(err).splitlines()[0] if str(err) else repr(err)) from err
     if cfg.grad_checkpointing:
@@ -67,11 +72,11 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     workers = max(1, cfg.workers)
     schedule = cosine_lr(optimizer, cfg.lr, cfg.warmup_steps, total_steps)
-    step = load_state(out / "checkpoints" / "latest.pt", model, optimizer) if cfg.resume else 0
+    best = {"val_recall": -1.0, "teacher_recall": -1.0}  # carried in the checkpoint so resume keeps the best
+    step = load_state(out / "checkpoints" / "latest.pt", model, optimizer, best) if cfg.resume else 0
     log = MetricLog(out, step, enabled=env.is_main)
-    unpaired = UnpairedStreams(cfg, preprocess_train, tokenizer, env) if cfg.unpaired.images else None
+    unpaired = UnpairedStreams(cfg, pools, preprocess_train, tokenizer, env) if pools else None
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if unpaired and cfg.unpaired.pairing == "teacher" else None
-    best = {"val_recall": -1.0, "teacher_recall": -1.0}
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg.precision, env.device))
     skipped = 0
     bar = tqdm(total=total_steps, initial=step, disable=not env.is_main, unit="step", dynamic_ncols=True, mininterval=1.0)
@@ -104,7 +109,7 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in NOT_IN_BAR})
                 if env.is_main and (step % cfg.checkpoint_every == 0 or step == total_steps):
-                    save_state(out / "checkpoints" / "latest.pt", model, optimizer, step)
+                    save_state(out / "checkpoints" / "latest.pt", model, optimizer, step, best)
                 if stop.is_set():
                     raise KeyboardInterrupt
             if step % steps_per_epoch == 0 or step == total_steps:
@@ -114,7 +119,7 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
         if not (stop.is_set() or isinstance(err, KeyboardInterrupt)):
             raise
         if env.is_main:
-            save_state(out / "checkpoints" / "latest.pt", model, optimizer, step)
+            save_state(out / "checkpoints" / "latest.pt", model, optimizer, step, best)
         log.close()
         raise KeyboardInterrupt(f"stopped at step {step}; checkpoint saved, re-run to resume") from None
     bar.close()
@@ -196,10 +201,10 @@ def call_loss(loss_fn, image_features, text_features, logit_scale, batch: dict, 
 class UnpairedStreams:
     """MMCL's unpaired images and texts: pseudo-paired each step, joint or after the paired stage."""
 
-    def __init__(self, cfg, preprocess, tokenizer, env):
+    def __init__(self, cfg, pools: dict, preprocess, tokenizer, env):
         self.cfg, self.env = cfg.unpaired, env
-        self.images = endless(cfg.unpaired.images, preprocess, tokenizer, cfg.unpaired.batch_size, "image", cfg.seed)
-        self.texts = endless(cfg.unpaired.texts, preprocess, tokenizer, cfg.unpaired.batch_size, "text", cfg.seed)
+        self.images = endless(pools["images"], preprocess, tokenizer, cfg.unpaired.batch_size, "image", cfg.seed)
+        self.texts = endless(pools["texts"], preprocess, tokenizer, cfg.unpaired.batch_size, "text", cfg.seed)
         self.loss = UnpairedLoss()
 
     def add_terms(self, terms: dict, model, teacher, logit_scale, step: int, total_steps: int) -> dict:
@@ -258,19 +263,20 @@ def validate(cfg, model, val_shards, preprocess, tokenizer, env, log, step, out:
     env.barrier()
 
 
-def save_state(path: Path, model, optimizer, step: int) -> None:
+def save_state(path: Path, model, optimizer, step: int, best: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, tmp)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best}, tmp)
     tmp.replace(path)  # a kill during the save leaves the previous checkpoint intact
 
 
-def load_state(path: Path, model, optimizer) -> int:
+def load_state(path: Path, model, optimizer, best: dict) -> int:
     if not path.exists():
         return 0
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    best.update(state.get("best", {}))
     return int(state["step"])
 
 
