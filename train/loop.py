@@ -24,6 +24,7 @@ from train.data import check_scores, count_samples, make_pipeline, nonempty_shar
 from train.distributed import init_distributed
 from train.evaluate import retrieval_recall
 from train.losses import UnpairedLoss, build_loss, teacher_pairs
+from train.losses.clip import flat
 from train.models import create_model, save_checkpoint
 
 NOT_IN_BAR = ("step", "epoch", "lr", "skipped_samples")
@@ -233,11 +234,6 @@ def endless(urls, preprocess, tokenizer, batch_size: int, modality: str, seed: i
         yield from make_pipeline(urls, preprocess, tokenizer, batch_size, seed=seed + 1, epoch=epoch,
                                  batches_per_worker=1_000, modality=modality)
         epoch += 1
-
-
-def flat(features: torch.Tensor) -> torch.Tensor:
-    """Oblique (N, K, d/K) features as (N, D): their inner product is the oblique similarity."""
-    return features.flatten(1)
 
 
 @torch.no_grad()
