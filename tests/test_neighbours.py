@@ -1,0 +1,115 @@
+"""Nearest neighbours: exact_topk matches a brute-force argsort (self excluded, ties by smaller id), merging
+chunk results equals searching the whole base, padding fills short rows, and the faiss index finds most
+of the exact neighbours and survives a save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from curate.neighbours import build_index, exact_topk, index_topk, load_index, merge_topk, recall_at_k, save_index
+
+
+def reference(queries, base, k, query_ids=None, base_ids=None):
+    """Straight from the definition: float64 scores, full sort by (score desc, id asc), self dropped."""
+    base_ids = np.arange(len(base)) if base_ids is None else base_ids
+    scores = queries.astype(np.float64) @ base.astype(np.float64).T
+    sims, ids = np.full((len(queries), k), np.nan, np.float32), np.full((len(queries), k), -1, np.int64)
+    for r, row in enumerate(scores):
+        keep = np.ones(len(base), bool) if query_ids is None else base_ids != query_ids[r]
+        cand = np.flatnonzero(keep)
+        top = cand[np.lexsort((base_ids[cand], -row[cand]))][:k]
+        sims[r, :len(top)], ids[r, :len(top)] = row[top], base_ids[top]
+    return sims, ids
+
+
+def integer_case(seed=0, n=40, m=300, d=8):
+    """Small integer vectors: dot products are exact in float32 whatever the summation order, and many tie;
+    every third base row is repeated so duplicates tie exactly. Shuffled ids, queries drawn from the base."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(-2, 3, size=(m, d)).astype(np.float32)
+    base[1::3] = base[0::3][:len(base[1::3])]
+    base_ids = rng.permutation(10 * m)[:m].astype(np.int64)
+    rows = rng.choice(m, n, replace=False)
+    return base[rows], base, base_ids[rows], base_ids
+
+
+def test_exact_matches_reference_on_random_floats():
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((500, 32)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    queries = base[:50]
+    sims, ids = exact_topk(queries, base, 10, query_ids=np.arange(50), block=16)  # several query blocks
+    ref_sims, ref_ids = reference(queries, base, 10, query_ids=np.arange(50))
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(sims, ref_sims, atol=1e-5)
+    assert sims.dtype == np.float32 and ids.dtype == np.int64
+    assert not (ids == np.arange(50)[:, None]).any()  # self excluded
+
+
+def test_exact_ties_and_self_exclusion_match_reference():
+    queries, base, qids, bids = integer_case()
+    sims, ids = exact_topk(queries, base, 12, query_ids=qids, base_ids=bids, block=7)
+    ref_sims, ref_ids = reference(queries, base, 12, query_ids=qids, base_ids=bids)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_array_equal(sims, ref_sims)
+    # the case really has ties at the cut, where topk alone picks arbitrarily
+    assert (sims[:, -1] == sims[:, -2]).any()
+    again = exact_topk(queries, base, 12, query_ids=qids, base_ids=bids, block=40)
+    assert sims.tobytes() == again[0].tobytes() and ids.tobytes() == again[1].tobytes()
+
+
+def test_float16_input():
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal((400, 64)).astype(np.float16)
+    sims, ids = exact_topk(base[:30], base, 8, query_ids=np.arange(30))
+    ref_sims, ref_ids = reference(base[:30].astype(np.float32), base.astype(np.float32), 8, query_ids=np.arange(30))
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(sims, ref_sims, rtol=1e-5, atol=1e-4)
+    assert sims.dtype == np.float32
+
+
+def test_merge_of_three_chunks_equals_whole():
+    queries, base, qids, bids = integer_case(seed=3)
+    k = 12
+    whole = exact_topk(queries, base, k, query_ids=qids, base_ids=bids)
+    parts = [exact_topk(queries, base[a:b], k, query_ids=qids, base_ids=bids[a:b]) for a, b in [(0, 70), (70, 190), (190, len(base))]]
+    merged = merge_topk(*merge_topk(*parts[0], *parts[1], k), *parts[2], k)
+    np.testing.assert_array_equal(merged[1], whole[1])
+    np.testing.assert_array_equal(merged[0], whole[0])
+
+
+def test_padding_when_base_smaller_than_k():
+    base = np.eye(4, dtype=np.float32)
+    sims, ids = exact_topk(base, base, 6, query_ids=np.arange(4))
+    assert ids.shape == (4, 6)
+    assert (ids[:, 3:] == -1).all() and np.isnan(sims[:, 3:]).all()  # 3 candidates once self is out
+    np.testing.assert_array_equal(ids[0, :3], [1, 2, 3])  # all tie at 0: by id
+    # padding sorts after real entries when merged, even after a negative similarity
+    merged = merge_topk(sims, ids, np.full((4, 1), -5, np.float32), np.full((4, 1), 99, np.int64), 6)
+    assert (merged[1][:, 3] == 99).all() and (merged[1][:, 4:] == -1).all()
+    assert recall_at_k(ids, ids) == 1.0
+
+
+def clustered(n, d, clusters, seed):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d)).astype(np.float32)
+    x = centres[rng.integers(0, clusters, n)] + 0.5 * rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_index_recall_and_save_load(tmp_path):
+    base = clustered(20_000, 64, 200, seed=4)
+    qids = np.random.default_rng(5).choice(len(base), 500, replace=False)
+    _, true_ids = exact_topk(base[qids], base, 16, query_ids=qids)
+    index = build_index(base, seed=0)
+    sims, ids = index_topk(index, base[qids], 16, query_ids=qids)
+    recall = recall_at_k(ids, true_ids)
+    assert recall >= 0.9, recall
+    assert not (ids == qids[:, None]).any()
+    assert (np.diff(sims, axis=1) <= 0).all()  # ordered, like exact_topk
+    assert recall_at_k(np.roll(ids, 1, axis=0), true_ids) < 0.1  # the measure can fail
+    save_index(index, str(tmp_path / "ivf.faiss"))
+    loaded = load_index(str(tmp_path / "ivf.faiss"))
+    assert loaded.ntotal == len(base)
+    again = index_topk(loaded, base[qids], 16, query_ids=qids)
+    assert sims.tobytes() == again[0].tobytes() and ids.tobytes() == again[1].tobytes()

@@ -1,0 +1,103 @@
+"""The score stage's math (curate.scores, curate.dn) against references written out by hand."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from curate.dn import dn_center, dn_means, normalise
+from curate.scores import (auroc, clean_probability, cosine_score, fit_mixture, key_ranks, pair_loss, pair_posterior,
+                           temperature_noise_indicator)
+from train.losses import ClipLoss
+
+
+def unit(rng, n, d):
+    return normalise(rng.normal(size=(n, d)))
+
+
+def test_posterior_is_the_softmax_over_positive_and_bank():
+    rng = np.random.default_rng(0)
+    v, t, bank_v, bank_t = unit(rng, 5, 8), unit(rng, 5, 8), unit(rng, 7, 8), unit(rng, 7, 8)
+    log_i2t, log_t2i = pair_posterior(v, t, bank_v, bank_t, scale=10.0)
+    for i in range(5):
+        logits = torch.tensor(10.0 * np.concatenate([[v[i] @ t[i]], bank_t @ v[i]]))
+        assert log_i2t[i] == pytest.approx(F.log_softmax(logits, 0)[0].item(), abs=1e-9)
+        logits = torch.tensor(10.0 * np.concatenate([[t[i] @ v[i]], bank_v @ t[i]]))
+        assert log_t2i[i] == pytest.approx(F.log_softmax(logits, 0)[0].item(), abs=1e-9)
+
+
+def test_pair_loss_against_the_rest_of_the_batch_is_the_clip_loss():
+    """With the other N-1 pairs as the bank, the mean per-pair loss is open_clip's ClipLoss on the batch."""
+    rng = np.random.default_rng(1)
+    v, t = unit(rng, 16, 8), unit(rng, 16, 8)
+    self_in_bank = np.eye(16, dtype=bool)
+    loss = pair_loss(*pair_posterior(v, t, v, t, 20.0, self_in_bank))
+    clip = ClipLoss()(torch.tensor(v), torch.tensor(t), torch.tensor(20.0))["loss"].item()
+    assert loss.mean() == pytest.approx(clip, rel=1e-9)
+
+
+def test_the_pair_itself_in_the_bank_is_not_its_own_negative():
+    rng = np.random.default_rng(2)
+    v, t, bank_v, bank_t = unit(rng, 3, 8), unit(rng, 3, 8), unit(rng, 6, 8), unit(rng, 6, 8)
+    with_self = np.concatenate([bank_v, v[:1]]), np.concatenate([bank_t, t[:1]])
+    mask = np.zeros((3, 7), dtype=bool)
+    mask[0, 6] = True
+    expected = pair_posterior(v, t, bank_v, bank_t, 5.0)
+    got = pair_posterior(v, t, *with_self, 5.0, mask)
+    assert got[0][0] == pytest.approx(expected[0][0]) and got[1][0] == pytest.approx(expected[1][0])
+    assert got[0][1] < expected[0][1]  # for the others, pair 0 is one more negative
+
+
+def test_mixture_finds_the_two_components_and_clean_prob_is_monotone():
+    rng = np.random.default_rng(3)
+    losses = np.concatenate([rng.normal(2.0, 0.3, 7000), rng.normal(6.0, 1.0, 3000)])
+    mixture = fit_mixture(losses, seed=0)
+    assert mixture["means"][0] == pytest.approx(2.0, abs=0.05) and mixture["means"][1] == pytest.approx(6.0, abs=0.1)
+    assert mixture["weights"][1] == pytest.approx(0.3, abs=0.02)
+    grid = np.linspace(-5, 20, 2001)
+    prob = clean_probability(mixture, grid)
+    assert np.all(np.diff(prob) <= 1e-12), "a larger loss may never look cleaner"
+    assert prob[0] > 0.99 and prob[-1] < 0.01
+    assert 1 - clean_probability(mixture, losses).mean() == pytest.approx(0.3, abs=0.02)
+    assert fit_mixture(losses, seed=0) == mixture  # seeded: the same fit twice
+
+
+def test_mixture_refuses_too_few_pairs():
+    with pytest.raises(ValueError, match="too few to fit the noise mixture"):
+        fit_mixture(np.arange(10.0), seed=0)
+
+
+def test_key_ranks_are_seeded_and_independent_of_order():
+    keys = [f"{i:09d}" for i in range(1000)]
+    ranks = dict(zip(keys, key_ranks(keys, 7)))
+    shuffled = list(reversed(keys))
+    assert all(ranks[k] == r for k, r in zip(shuffled, key_ranks(shuffled, 7)))
+    smallest = {keys[i] for i in np.argsort(key_ranks(keys, 7))[:100]}
+    other = {keys[i] for i in np.argsort(key_ranks(keys, 8))[:100]}
+    assert len(smallest & other) < 30  # another seed, another sample
+
+
+@pytest.mark.parametrize("eta", [0.05, 0.2, 0.5])
+def test_temperature_indicator_inverts_the_equilibrium(eta):
+    n, scale = 1024, 50.0
+    delta = np.log((n - 1) * (1 - eta) / eta) / scale  # where training settles with noise rate eta
+    positive, negative = np.full(10, 0.3 + delta), np.full(10, 0.3)
+    assert temperature_noise_indicator(scale, positive, negative, n) == pytest.approx(eta, rel=1e-6)
+
+
+def test_dn_centres_normalised_embeddings():
+    rng = np.random.default_rng(4)
+    image, text = rng.normal(size=(50, 6)) * 3, rng.normal(size=(50, 6)) + 2
+    mu_v, mu_t = dn_means(image, text)
+    assert np.allclose(mu_v, normalise(image).mean(0)) and np.allclose(mu_t, normalise(text).mean(0))
+    assert np.allclose(dn_center(image, mu_v, 0.0), normalise(image))
+    assert np.allclose(dn_center(image, mu_v, 1.0).mean(0), 0.0)
+
+
+def test_cosine_and_auroc():
+    rng = np.random.default_rng(5)
+    v = unit(rng, 4, 3)
+    assert np.allclose(cosine_score(v, v), 1.0)
+    noisy = np.array([0, 0, 1, 1, 0, 1])
+    assert auroc(noisy, [0.1, 0.2, 0.9, 0.8, 0.3, 0.7]) == 1.0
+    assert auroc(noisy, [0.9, 0.8, 0.1, 0.2, 0.7, 0.3]) == 0.0
