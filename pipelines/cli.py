@@ -12,7 +12,7 @@ import typing
 
 from pydantic import BaseModel
 
-from pipelines.config import Config, ConfigError, ShardConfig, TrainConfig, load_config
+from pipelines.config import Config, ConfigError, ScoreConfig, ShardConfig, TrainConfig, load_config
 from pipelines.urllist import InputError
 
 RENAMED = {"input.path": "input"}  # `--input urls.tsv` reads better than `--path`
@@ -42,7 +42,13 @@ def run_train(config: Config) -> dict:
     return train(config)
 
 
-STAGES = {"world": run_world, "shard": run_shard, "train": run_train}
+def run_score(config: Config) -> dict:
+    from pipelines.score import run_score as score
+
+    return score(config)
+
+
+STAGES = {"world": run_world, "shard": run_shard, "train": run_train, "score": run_score}
 
 
 def model_options(parser: argparse.ArgumentParser, model: type[BaseModel], section: str, prefix: str = "") -> None:
@@ -94,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(shard, ShardConfig, "shard")
     train = command("train", "train an open_clip model (CLIP, SoftCLIP, oblique, MMCL) on shards", config_required=False)
     model_options(train, TrainConfig, "train")
+    score = command("score", "score every pair with a teacher: embeddings, noise scores, clean_prob, neighbours",
+                    config_required=False)
+    model_options(score, ScoreConfig, "score")
     return parser
 
 

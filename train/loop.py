@@ -114,6 +114,8 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
                 if stop.is_set():
                     raise KeyboardInterrupt
             if step % steps_per_epoch == 0 or step == total_steps:
+                if cfg.epoch_checkpoints and env.is_main:  # the teacher's training dynamics, for the score stage
+                    export(model, cfg.model, out / "checkpoints" / f"epoch_{math.ceil(step / steps_per_epoch):03d}.pt")
                 validate(cfg, model, val_shards, preprocess_val, tokenizer, env, log, step, out, best, teacher)
     except (KeyboardInterrupt, RuntimeError) as err:
         # Stopped between steps (Ctrl-C, SIGTERM, or the data workers killed with us): the state is consistent.
