@@ -1,8 +1,8 @@
 """Top-k intra-modal nearest neighbours by inner product (cosine on L2-normalised embeddings).
 
 Two ways to the same output format, (sims float32 (n, k), ids int64 (n, k)):
-  exact_topk   blocked torch matmul, exact; with merge_topk a caller can stream the base chunk by chunk.
-  index_topk   a faiss index (build_index, default IVF + SQ8), approximate; measure it with recall_at_k.
+  exact_topk   blocked torch matmul, exact: the reference (recall is measured against it).
+  index_topk   a faiss index (build_index): "Flat" is exact, the default IVF + SQ8 approximate.
 
 Every result is ordered by similarity descending, ties by smaller id, so it is byte-identical across
 runs. Missing neighbours (fewer than k candidates) are padding: id -1, sim NaN, always last.
@@ -11,9 +11,8 @@ runs. Missing neighbours (fewer than k candidates) are padding: id -1, sim NaN, 
 from __future__ import annotations
 
 import math
-from pathlib import Path
-
 import faiss
+import fsspec
 import numpy as np
 import torch
 
@@ -135,8 +134,14 @@ def recall_at_k(found_ids: np.ndarray, true_ids: np.ndarray) -> float:
 
 
 def save_index(index: faiss.Index, path: str) -> None:
-    Path(path).write_bytes(faiss.serialize_index(index).tobytes())
+    """To a local path or any fsspec url, under a temporary name first (a killed write never looks complete)."""
+    fs, p = fsspec.core.url_to_fs(path)
+    fs.makedirs(fs._parent(p), exist_ok=True)
+    with fs.open(p + ".tmp", "wb") as f:
+        f.write(faiss.serialize_index(index).tobytes())
+    fs.mv(p + ".tmp", p)
 
 
 def load_index(path: str) -> faiss.Index:
-    return faiss.deserialize_index(np.frombuffer(Path(path).read_bytes(), dtype=np.uint8))
+    with fsspec.open(path, "rb") as f:
+        return faiss.deserialize_index(np.frombuffer(f.read(), dtype=np.uint8))

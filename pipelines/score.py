@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,8 @@ from curate import neighbours as nn
 from curate.dn import dn_center, dn_means, normalise
 from curate.scores import (auroc, clean_probability, cosine_score, fit_mixture, key_ranks, pair_loss, pair_posterior,
                            temperature_noise_indicator)
-from curate.teacher import BadSample, embed, embed_captions, load_text_teacher, logit_scale, prepare
+from curate.teacher import (BadSample, embed, embed_captions, fast_path, load_text_teacher, logit_scale, prepare,
+                            stack_images)
 from pipelines.config import Config, ConfigError, join, save_config
 from pipelines.distributor import dask_client
 from pipelines.manifest import read_json, record_stage, write_json
@@ -55,25 +57,28 @@ def run_score(config: Config) -> dict:
     score_paths = [join(out, n + ".parquet") for n in names]
     print(f"score: {len(shards)} shards, teacher {teacher['model']} x {len(teacher['checkpoints'])} checkpoint(s), "
           f"{sum(fs.exists(p) for p in score_paths)} already scored")
+    wall = {"start": time.time() - started}  # wall seconds of each phase: where the time goes
     with dask_client(cfg.scheduler, cfg.processes, gpu=teacher["device"] == "cuda") as client:
+        wall["cluster"] = time.time() - started - sum(wall.values())
         todo = [(s, p) for s, p in zip(shards, embed_paths) if not fs.exists(p)]
         embedded, failed = run_tasks(client, "embed", [(embed_shard, s, p, teacher, cfg.batch_size, cfg.threads)
                                                        for s, p in todo])
         if failed:
             return incomplete(failed)
-        embed_seconds = sum(r["seconds"] for r in embedded)
-        tick = time.time()
+        wall["embed"] = time.time() - started - sum(wall.values())
         state = global_state(embed_paths, teacher, cfg, config.seed)
         search = neighbour_index(embed_paths, out, state, cfg, config.seed)
-        global_seconds = time.time() - tick
+        wall["globals"] = time.time() - started - sum(wall.values())
         todo = [(e, p) for e, p in zip(embed_paths, score_paths) if not fs.exists(p)]
         shared = client.scatter(state, broadcast=True) if todo else None  # the bank goes to each worker once
-        scored, failed = run_tasks(client, "score", [(score_shard, e, p, shared, search, embed_paths, cfg.threads)
+        scored, failed = run_tasks(client, "score", [(score_shard, e, p, shared, search, cfg.threads)
                                                      for e, p in todo])
         if failed:
             return incomplete(failed)
-    summary = summarize(config, score_paths, state, search, teacher, embedded, scored,
-                        {"total": time.time() - started, "embed_tasks": embed_seconds, "globals": global_seconds})
+        wall["score"] = time.time() - started - sum(wall.values())
+    wall["summary"] = time.time() - started - sum(wall.values())
+    summary = summarize(config, score_paths, state, search, teacher, wall,
+                        {"embed": sum(r["seconds"] for r in embedded), "score": sum(r["seconds"] for r in scored)})
     write_json(join(out, "_summary.json"), summary)
     record_stage(config, "score", {"output": out, "teacher": teacher, "counts": summary["counts"]})
     print_summary(summary)
@@ -186,6 +191,7 @@ def load_teachers(spec: dict) -> dict:
                 raise ConfigError(f"score: cannot load the text teacher {spec['text_teacher']}: {err}") from None
         _TEACHERS.clear()  # one teacher per worker at a time
         _TEACHERS[key] = {"models": models, "scales": scales, "preprocess": preprocess, "tokenizer": tokenizer,
+                          "fast": fast_path(models[0]),
                           "text": text, "device": device}
     return _TEACHERS[key]
 
@@ -207,38 +213,41 @@ def embed_shard(url: str, out: str, spec: dict, batch_size: int, threads: int) -
     errors: list[str | None] = [None] * len(samples)
     good: list[int] = []
     captions: list[str] = []
-    dims = [m.text_projection.shape[1] if hasattr(m, "text_projection") else None for m in teacher["models"]]
+    dims = [m.visual.output_dim for m in teacher["models"]]  # the schema of a shard with no good sample
     embeddings = [([], []) for _ in teacher["models"]]
 
     def decode(batch: list[int]):  # runs in a thread, one batch ahead of the forward
         done = []
         for i in batch:
             try:
-                done.append((i, *prepare(samples[i], teacher["preprocess"], teacher["tokenizer"])))
+                done.append((i, *prepare(samples[i], teacher["preprocess"], teacher["fast"])))
             except BadSample as err:
                 errors[i] = str(err)
-        return done
+        if not done:
+            return None
+        captions = [d[2] for d in done]
+        images = stack_images([d[1] for d in done], teacher["fast"])
+        return [d[0] for d in done], images, teacher["tokenizer"](captions), captions
 
     batches = [list(range(i, min(i + batch_size, len(samples)))) for i in range(0, len(samples), batch_size)]
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(1) as pool:  # decode the next batch while this one runs (PIL releases the GIL)
         pending = pool.submit(decode, batches[0]) if batches else None
         for b in range(len(batches)):
             done = pending.result()
             pending = pool.submit(decode, batches[b + 1]) if b + 1 < len(batches) else None
-            if not done:
+            if done is None:
                 continue
-            good += [d[0] for d in done]
-            captions += [d[3] for d in done]
-            images, texts = torch.stack([d[1] for d in done]), torch.stack([d[2] for d in done])
+            good += done[0]
+            captions += done[3]
             for model, (image_out, text_out) in zip(teacher["models"], embeddings):
-                v, t = embed(model, images, texts, teacher["device"], spec["bf16"])
+                v, t = embed(model, done[1], done[2], teacher["device"], spec["bf16"])
                 image_out.append(v)
                 text_out.append(t)
     columns = {"key": pa.array(keys, pa.string()), "row": pa.array(rows, pa.int64()),
                "status": pa.array(["failed" if e else "scored" for e in errors], pa.string()),
                "error": pa.array(errors, pa.string())}
     for j, (image_out, text_out) in enumerate(embeddings):
-        dim = image_out[0].shape[1] if image_out else (dims[j] or 1)
+        dim = image_out[0].shape[1] if image_out else dims[j]
         columns[f"image_emb_{j}"] = scatter(image_out, good, len(samples), dim)
         columns[f"text_emb_{j}"] = scatter(text_out, good, len(samples), dim)
     if teacher["text"] is not None:
@@ -250,8 +259,6 @@ def embed_shard(url: str, out: str, spec: dict, batch_size: int, threads: int) -
 
 
 def sample_row(sample: dict) -> int | None:
-    import json
-
     try:
         return json.loads(sample["json"]).get("row")
     except (KeyError, ValueError):
@@ -349,25 +356,24 @@ def global_state(embed_paths: list[str], teacher: dict, cfg, seed: int) -> dict:
 
 
 def neighbour_index(embed_paths: list[str], out: str, state: dict, cfg, seed: int) -> dict:
-    """How the score tasks find neighbours: exact, streamed over the embed files; or faiss indexes built here."""
+    """faiss indexes of the first teacher's image and text embeddings, built here, searched by every score task.
+
+    exact: a flat index (brute force in BLAS); faiss: `faiss_index`, by default IVF + SQ8 (one byte
+    per dimension, for datasets where float32 vectors would not fit).
+    """
     if cfg.neighbours == 0:
         return {"method": "none"}
     method = cfg.neighbour_search
     if method == "auto":
         method = "exact" if state["n_scored"] <= cfg.exact_limit else "faiss"
-    if method == "exact":
-        return {"method": "exact"}
-    search = {"method": "faiss", "nprobe": cfg.nprobe, "factory": cfg.faiss_index}
+    search = {"method": method, "nprobe": cfg.nprobe, "factory": "Flat" if method == "exact" else cfg.faiss_index}
     for side in ("image", "text"):
-        embs, ids = [], []
-        for path in embed_paths:
-            emb, key_ids = scored_embeddings(path, f"{side}_emb_0")
-            embs.append(emb.astype(np.float32))
-            ids.append(key_ids)
-        index = nn.build_index(np.concatenate(embs), np.concatenate(ids), factory=cfg.faiss_index, seed=seed)
+        embs, ids = zip(*(scored_embeddings(path, f"{side}_emb_0") for path in embed_paths))
+        index = nn.build_index(np.concatenate(embs).astype(np.float32), np.concatenate(ids), factory=search["factory"],
+                               seed=seed)
         search[side] = join(out, "_index", f"{side}.faiss")
-        fsspec.filesystem("file").makedirs(os.path.dirname(search[side]), exist_ok=True)
         nn.save_index(index, search[side])
+        search[f"{side}_built"] = time.time_ns()  # workers keep an index read in an earlier run: this tells them apart
     return search
 
 
@@ -387,7 +393,7 @@ def key_ids(keys: list[str]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- scores, on each worker
-def score_shard(embed_path: str, out: str, state: dict, search: dict, embed_paths: list[str], threads: int) -> dict:
+def score_shard(embed_path: str, out: str, state: dict, search: dict, threads: int) -> dict:
     started = time.time()
     torch.set_num_threads(threads)
     table = read_table(embed_path)
@@ -429,7 +435,8 @@ def score_shard(embed_path: str, out: str, state: dict, search: dict, embed_path
         width = len(keys[0]) if keys else 0
         for side, name in (("image", "image_emb_0"), ("text", "text_emb_0")):
             queries = normalise(column(good, name))
-            sims, ids = find_neighbours(queries, key_ids(good_keys), side, search, embed_paths, state["k"])
+            sims, ids = nn.index_topk(cached_index(search[side], search[f"{side}_built"]), queries.astype(np.float32), state["k"],
+                                      query_ids=key_ids(good_keys), nprobe=search["nprobe"])
             columns[f"{side}_nn_keys"] = spread_lists(np.asarray([[f"{i:0{width}d}" if i >= 0 else None for i in row]
                                                                   for row in ids], dtype=object), where, len(keys), pa.string())
             columns[f"{side}_nn_sims"] = spread_lists(sims.astype(np.float32), where, len(keys), pa.float32())
@@ -437,26 +444,16 @@ def score_shard(embed_path: str, out: str, state: dict, search: dict, embed_path
     return {"shard": os.path.basename(out), "seconds": time.time() - started, "scored": int(scored.sum())}
 
 
-def find_neighbours(queries, query_ids, side: str, search: dict, embed_paths: list[str], k: int):
-    if search["method"] == "faiss":
-        index = cached_index(search[side])
-        return nn.index_topk(index, queries.astype(np.float32), k, query_ids=query_ids, nprobe=search["nprobe"])
-    sims = np.full((len(queries), k), np.nan, np.float32)
-    ids = np.full((len(queries), k), -1, np.int64)
-    for path in embed_paths:  # exact, one base file at a time: memory is one shard plus the running top-k
-        base, base_ids = scored_embeddings(path, f"{side}_emb_0")
-        found = nn.exact_topk(queries, base, k, query_ids=query_ids, base_ids=base_ids)
-        sims, ids = nn.merge_topk(sims, ids, *found, k)
-    return sims, ids
-
-
 _INDEXES: dict = {}
 
 
-def cached_index(path: str):
-    if path not in _INDEXES:
-        _INDEXES[path] = nn.load_index(path)
-    return _INDEXES[path]
+def cached_index(path: str, built: int):
+    """Each worker reads each index once, not once per task."""
+    key = (path, built)
+    if key not in _INDEXES:
+        _INDEXES.clear()
+        _INDEXES[key] = nn.load_index(path)
+    return _INDEXES[key]
 
 
 def spread(values: np.ndarray, where: np.ndarray, n: int, kind) -> pa.Array:
@@ -476,8 +473,8 @@ def spread_lists(values: np.ndarray, where: np.ndarray, n: int, kind) -> pa.Arra
 
 
 # ---------------------------------------------------------------- summary
-def summarize(config: Config, score_paths: list[str], state: dict, search: dict, teacher: dict,
-              embedded: list[dict], scored: list[dict], seconds: dict) -> dict:
+def summarize(config: Config, score_paths: list[str], state: dict, search: dict, teacher: dict, wall: dict,
+              task_seconds: dict) -> dict:
     names = ["key", "row", "status", "error", "cosine", "dn_score", "loss", "clean_prob"]
     tables = [read_table(p, names + (["loss_by_checkpoint"] if len(teacher["checkpoints"]) > 1 else []))
               for p in score_paths]
@@ -488,7 +485,8 @@ def summarize(config: Config, score_paths: list[str], state: dict, search: dict,
     errors = [e for e in table["error"].to_pylist() if e]
     reasons = {r: errors.count(r) for r in sorted(set(errors))}
     ck0 = state["checkpoints"][0]
-    pairs_per_s = len(table) / seconds["total"] if seconds["total"] else None
+    total = sum(wall.values())
+    pairs_per_s = len(table) / total if total else None
     summary = {
         "teacher": {"model": teacher["model"], "checkpoints": teacher["checkpoints"], "digests": teacher["digests"],
                     "logit_scale": [c["scale"] for c in state["checkpoints"]], "tau_s": 1.0 / ck0["scale"],
@@ -502,7 +500,8 @@ def summarize(config: Config, score_paths: list[str], state: dict, search: dict,
                   "noisy_component_weight": state["mixture"]["weights"][1],
                   "temperature_indicator": state["temperature_indicator"]},
         "neighbours": {"k": state["k"], "method": search["method"]},
-        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "seconds": {"total": round(total, 2), "wall": {k: round(v, 2) for k, v in wall.items()},
+                    "tasks": {k: round(v, 2) for k, v in task_seconds.items()}},
         "pairs_per_second": round(pairs_per_s, 1) if pairs_per_s else None,
         "shards": [os.path.basename(p) for p in score_paths],
         "detection": detection(config, table, ok, teacher),
@@ -546,4 +545,6 @@ def print_summary(summary: dict) -> None:
         a = summary["detection"]["auroc"]
         print(f"  detection AUROC vs the world's truth: clean_prob {a['clean_prob']:.3f}, loss {a['loss']:.3f}, "
               f"cosine {a['cosine']:.3f}, DN {a['dn_score']:.3f}")
-    print(f"  {summary['seconds']['total']} s, {summary['pairs_per_second']} pairs/s, neighbours {summary['neighbours']['method']}")
+    phases = ", ".join(f"{k} {v}" for k, v in summary["seconds"]["wall"].items())
+    print(f"  {summary['seconds']['total']} s ({phases}), {summary['pairs_per_second']} pairs/s, "
+          f"neighbours {summary['neighbours']['method']}")

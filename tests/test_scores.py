@@ -101,3 +101,40 @@ def test_cosine_and_auroc():
     noisy = np.array([0, 0, 1, 1, 0, 1])
     assert auroc(noisy, [0.1, 0.2, 0.9, 0.8, 0.3, 0.7]) == 1.0
     assert auroc(noisy, [0.9, 0.8, 0.1, 0.2, 0.7, 0.3]) == 0.0
+
+
+def jpeg(size, seed=0) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_fast_decode_gives_the_transforms_tensor_bitwise():
+    import train.models  # noqa: F401  (registers softcurate-tiny)
+    from curate.teacher import fast_path, prepare, stack_images
+
+    model, _, preprocess = __import__("open_clip").create_model_and_transforms("softcurate-tiny")
+    fast = fast_path(model)
+    samples = [{"jpg": jpeg((64, 64), i), "txt": b"a red circle"} for i in range(3)] + [{"jpg": jpeg((80, 50)), "txt": b"x"}]
+    fast_batch = stack_images([prepare(s, preprocess, fast)[0] for s in samples], fast)
+    slow_batch = stack_images([prepare(s, preprocess, None)[0] for s in samples], None)
+    assert fast_batch.shape == (4, 3, 64, 64) and torch.equal(fast_batch, slow_batch)
+
+
+@pytest.mark.parametrize("sample, reason", [
+    ({"txt": b"a cat"}, "no image in the sample"),
+    ({"jpg": b"x"}, "no caption in the sample"),
+    ({"jpg": b"x", "txt": b"\xff\xfe caption"}, "caption is not UTF-8"),
+    ({"jpg": b"x", "txt": b"  \n"}, "empty caption"),
+    ({"jpg": b"GIF89a broken", "txt": b"a cat"}, "image decoding error: UnidentifiedImageError"),
+])
+def test_bad_samples_name_their_reason(sample, reason):
+    from curate.teacher import BadSample, prepare
+
+    with pytest.raises(BadSample) as err:
+        prepare(sample, lambda image: image)
+    assert str(err.value) == reason
