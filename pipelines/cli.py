@@ -12,7 +12,8 @@ import typing
 
 from pydantic import BaseModel
 
-from pipelines.config import Config, ConfigError, ScoreConfig, ShardConfig, TrainConfig, load_config
+from pipelines.config import (AuditConfig, Config, ConfigError, CurateConfig, ScoreConfig, ShardConfig, TrainConfig,
+                              load_config)
 from pipelines.urllist import InputError
 
 RENAMED = {"input.path": "input"}  # `--input urls.tsv` reads better than `--path`
@@ -48,15 +49,29 @@ def run_score(config: Config) -> dict:
     return score(config)
 
 
-STAGES = {"world": run_world, "shard": run_shard, "train": run_train, "score": run_score}
+def run_audit(config: Config) -> dict:
+    from pipelines.audit import run_audit as audit
+
+    return audit(config)
+
+
+def run_curate(config: Config) -> dict:
+    from pipelines.curate import run_curate as curate
+
+    return curate(config)
+
+
+STAGES = {"world": run_world, "shard": run_shard, "train": run_train, "score": run_score, "audit": run_audit,
+          "curate": run_curate}
 
 
 def model_options(parser: argparse.ArgumentParser, model: type[BaseModel], section: str, prefix: str = "") -> None:
     """One option per field of `model` (recursing into sub-models), stored under its dotted key."""
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
-        if typing.get_origin(field.annotation) is dict:
-            continue  # free-form mappings (loss_args) only through --set
+        inner = typing.get_args(field.annotation)
+        if typing.get_origin(field.annotation) is dict or (inner and isinstance(inner[0], type) and issubclass(inner[0], BaseModel)):
+            continue  # free-form mappings (loss_args) and lists of sections (curate.policy) only through --set
         if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
             model_options(parser, field.annotation, section, prefix=f"{key}.")
             continue
@@ -103,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     score = command("score", "score every pair with a teacher: embeddings, noise scores, clean_prob, neighbours",
                     config_required=False)
     model_options(score, ScoreConfig, "score")
+    audit = command("audit", "the noise audit report: audit/index.html, summary.json, figures", config_required=False)
+    model_options(audit, AuditConfig, "audit")
+    curate = command("curate", "apply a selection policy: keep-list, and with --export curated shards and unpaired pools",
+                     config_required=False)
+    model_options(curate, CurateConfig, "curate")
     return parser
 
 

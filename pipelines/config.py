@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional
 
 import fsspec
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -137,6 +137,7 @@ class TrainConfig(Strict):
     log_every: int = option(10, "write metrics every this many steps", ge=1)
     resume: bool = option(True, "continue from the run folder's latest checkpoint")
     min_clean_prob: Optional[float] = option(None, "train only on pairs whose clean_prob reaches this", ge=0, le=1)
+    keep_list: Optional[str] = option(None, "the curate stage's keep.parquet: train only on kept pairs, weighted by it")
     seed: Optional[int] = option(None, "unset: the config's top-level seed")
 
 
@@ -169,7 +170,42 @@ class ScoreConfig(Strict):
     overwrite: bool = option(False, "discard existing scores instead of resuming")
 
 
-Stage = Literal["world", "shard", "train", "score"]
+# ---------------------------------------------------------------- audit and curate
+class PolicyStep(Strict):
+    """One step of a selection policy (curate/policies.py): what it keeps, with its setting."""
+
+    kind: Literal["clean_prob", "cosine_top", "dn_top", "dedup", "reweight"]
+    min: Optional[float] = Field(None, ge=0, le=1)  # clean_prob
+    fraction: Optional[float] = Field(None, gt=0, le=1)  # cosine_top, dn_top
+    side: Literal["image", "text"] = "image"  # dedup
+    min_sim: Optional[float] = Field(None, gt=0, le=1)  # dedup
+    by: Literal["clean_prob", "cosine", "dn_score"] = "clean_prob"  # reweight
+
+    @model_validator(mode="after")
+    def needs_its_setting(self):
+        needed = {"clean_prob": "min", "cosine_top": "fraction", "dn_top": "fraction", "dedup": "min_sim"}.get(self.kind)
+        if needed and getattr(self, needed) is None:
+            raise ValueError(f"policy step '{self.kind}' needs '{needed}'")
+        return self
+
+
+class CurateConfig(Strict):
+    policy: list[PolicyStep] = option(
+        [PolicyStep(kind="clean_prob", min=0.5)], "selection steps, all must keep a pair (YAML list; see curate/policies.py)")
+    output: Optional[str] = option(None, "keep-list, curated shards and unpaired pools; default <root>/curated")
+    export: bool = option(False, "also write curated WebDataset shards and the unpaired pools")
+    samples_per_shard: int = option(10000, "samples per exported shard (shards are sized evenly)", ge=1)
+
+
+class AuditConfig(Strict):
+    output: Optional[str] = option(None, "where the report goes; default <root>/audit")
+    gallery_size: int = option(12, "pairs shown in each gallery", ge=1)
+    duplicate_sim: float = option(0.98, "neighbour similarity from which pairs count as near-duplicates", gt=0, le=1)
+    threshold: float = option(0.5, "clean_prob threshold the detection quality is reported at", gt=0, lt=1)
+    bootstrap: int = option(200, "resamples for the noise estimate's interval", ge=10)
+
+
+Stage = Literal["world", "shard", "train", "score", "audit", "curate"]
 
 
 class Config(Strict):
@@ -180,6 +216,8 @@ class Config(Strict):
     shard: ShardConfig = ShardConfig()
     train: TrainConfig = TrainConfig()
     score: ScoreConfig = ScoreConfig()
+    audit: AuditConfig = AuditConfig()
+    curate: CurateConfig = CurateConfig()
 
     def world_dir(self) -> str:
         return (self.world.dir if self.world and self.world.dir else None) or join(self.root, "world")
@@ -189,6 +227,12 @@ class Config(Strict):
 
     def score_dir(self) -> str:
         return self.score.output or join(self.root, "scores")
+
+    def audit_dir(self) -> str:
+        return self.audit.output or join(self.root, "audit")
+
+    def curate_dir(self) -> str:
+        return self.curate.output or join(self.root, "curated")
 
     def run_dir(self) -> str:
         return self.train.output or join(self.root, "runs", self.train.name)

@@ -457,3 +457,21 @@ def test_two_gloo_processes_equal_one_process_on_the_global_batch():
             for process in context.processes:
                 process.kill()
             pytest.fail("the two gloo processes did not finish within 180 s")
+
+
+def test_weighted_clip_loss_reduces_to_clip_and_drops_zero_weight_rows():
+    torch.manual_seed(0)
+    v = F.normalize(torch.randn(6, 8, dtype=torch.float64), dim=-1)
+    t = F.normalize(torch.randn(6, 8, dtype=torch.float64), dim=-1)
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    plain = ClipLoss()(v, t, scale)["loss"]
+    assert torch.allclose(ClipLoss()(v, t, scale, weight=torch.ones(6, dtype=torch.float64))["loss"], plain)
+    weight = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    logits = scale * v @ t.T
+    rows = [i for i in range(6) if i != 2]
+    expected = (F.cross_entropy(logits[rows], torch.tensor(rows)) + F.cross_entropy(logits.T[rows], torch.tensor(rows))) / 2
+    assert torch.allclose(ClipLoss()(v, t, scale, weight=weight)["loss"], expected)
+    v.requires_grad_(True)
+    t.requires_grad_(True)
+    w = torch.rand(6, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: ClipLoss()(a, b, scale, weight=w)["loss"], (v, t))

@@ -118,9 +118,38 @@ class ScoreJoin:
         return sample
 
 
+class KeepList:
+    """The curate stage's keep.parquet: only kept pairs pass, each with its weight (loaded once per worker)."""
+
+    def __init__(self, path: str):
+        self.path, self.weights = path, None
+
+    def load(self) -> dict[str, float]:
+        if self.weights is None:
+            with fsspec.open(self.path, "rb") as f:
+                table = pq.read_table(f, columns=["key", "keep", "weight"], use_threads=False).to_pydict()
+            self.weights = {k: w for k, keep, w in zip(table["key"], table["keep"], table["weight"]) if keep}
+        return self.weights
+
+    def __call__(self, sample: dict) -> bool:
+        weight = self.load().get(sample["__key__"])
+        sample["weight"] = weight
+        return weight is not None
+
+
+def keep_list_summary(path: str) -> tuple[int, int, bool]:
+    """(kept, pairs, weighted) of a keep-list, for the train stage's checks before the first step."""
+    with fsspec.open(path, "rb") as f:
+        table = pq.read_table(f, columns=["keep", "weight"], use_threads=False).to_pydict()
+    kept = [w for keep, w in zip(table["keep"], table["weight"]) if keep]
+    return len(kept), len(table["keep"]), any(w != 1.0 for w in kept)
+
+
 def collate(samples: list[dict]) -> dict:
     """Stack tensors and numbers; keep strings (keys) as lists; score fields become tensors."""
     batch = {"key": [s["__key__"] for s in samples], "skipped": sum(s.get("skipped", 0) for s in samples)}
+    if samples and samples[0].get("weight") is not None:
+        batch["weight"] = torch.tensor([s["weight"] for s in samples], dtype=torch.float32)
     for name in ("image", "text"):
         if isinstance(samples[0].get(name), torch.Tensor):
             batch[name] = torch.stack([s[name] for s in samples])
@@ -142,7 +171,7 @@ def worker_seed(seed: int, epoch: int) -> int:
 def make_pipeline(urls: str | list[str], preprocess, tokenizer, batch_size: int, *, seed: int = 0,
                   epoch: int = 0, batches_per_worker: int | None = None, shuffle_buffer: int = 1000,
                   min_clean_prob: float | None = None, require_scores: bool = False,
-                  modality: str = "pair") -> wds.DataPipeline:
+                  modality: str = "pair", keep_list: str | None = None) -> wds.DataPipeline:
     """The webdataset idiom: shard list -> split by node and worker -> samples -> decode -> batch.
 
     With `batches_per_worker` (training) shards are resampled with a seed of (seed, epoch, rank,
@@ -160,6 +189,8 @@ def make_pipeline(urls: str | list[str], preprocess, tokenizer, batch_size: int,
     stages += [wds.tarfile_to_samples(handler=wds.warn_and_continue)]
     stages += [wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(seed * 7919 + epoch))] \
         if training else []
+    if keep_list:
+        stages.append(wds.select(KeepList(keep_list)))
     stages += [wds.map(ScoreJoin(required=require_scores or min_clean_prob is not None))]
     if min_clean_prob is not None:
         stages.append(wds.select(lambda s: s["scores"]["clean_prob"] >= min_clean_prob))
@@ -197,7 +228,7 @@ def decode_samples(preprocess, tokenizer, modality: str, samples):
 
 def decode(preprocess, tokenizer, modality: str, sample: dict) -> dict:
     """Only the side(s) asked for are decoded."""
-    out = {"__key__": sample["__key__"], "scores": sample.get("scores")}
+    out = {"__key__": sample["__key__"], "scores": sample.get("scores"), "weight": sample.get("weight")}
     if modality in ("pair", "image"):
         data = next(sample[ext] for ext in IMAGE_EXTS.split(";") if ext in sample)
         with Image.open(io.BytesIO(data)) as image:

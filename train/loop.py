@@ -20,7 +20,7 @@ import torch
 from open_clip_train.scheduler import cosine_lr
 from tqdm import tqdm
 
-from train.data import check_scores, count_samples, make_pipeline, nonempty_shards
+from train.data import check_scores, count_samples, keep_list_summary, make_pipeline, nonempty_shards
 from train.distributed import init_distributed
 from train.evaluate import retrieval_recall
 from train.losses import UnpairedLoss, build_loss, teacher_pairs
@@ -29,7 +29,8 @@ from train.models import create_model, save_checkpoint
 
 NOT_IN_BAR = ("step", "epoch", "lr", "skipped_samples")
 # Batch fields from the score stage, by the loss argument that takes them.
-SCORE_FIELDS = {"teacher_image": "teacher_image_emb", "teacher_text": "teacher_text_emb", "clean_prob": "clean_prob"}
+SCORE_FIELDS = {"teacher_image": "teacher_image_emb", "teacher_text": "teacher_text_emb", "clean_prob": "clean_prob",
+                "weight": "weight"}
 
 
 class SetupError(ValueError):
@@ -51,6 +52,12 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
         loss_fn = build_loss(cfg.loss, rank=env.rank, world_size=env.world_size, **cfg.loss_args)
         if needs_scores(loss_fn, cfg):
             check_scores(urls)
+        if cfg.keep_list:
+            kept, pairs, weighted = keep_list_summary(cfg.keep_list)
+            if kept == 0:
+                raise ValueError(f"{cfg.keep_list} keeps none of its {pairs} pairs; loosen the curate policy")
+            if weighted and "weight" not in inspect.signature(loss_fn.forward).parameters:
+                raise ValueError(f"{cfg.keep_list} weights its pairs, but the {cfg.loss} loss takes no weights")
         pools = None
         if cfg.unpaired.images or cfg.unpaired.texts:
             if not (cfg.unpaired.images and cfg.unpaired.texts):
@@ -69,7 +76,8 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
     if cfg.compile:
         ddp = torch.compile(ddp)
 
-    steps_per_epoch = max(1, count_samples(urls) // (cfg.batch_size * env.world_size))
+    samples = kept if cfg.keep_list else count_samples(urls)
+    steps_per_epoch = max(1, samples // (cfg.batch_size * env.world_size))
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     workers = max(1, cfg.workers)
     schedule = cosine_lr(optimizer, cfg.lr, cfg.warmup_steps, total_steps)
@@ -88,7 +96,8 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
             epoch, skip = divmod(step, steps_per_epoch)
             pipeline = make_pipeline(urls, preprocess_train, tokenizer, cfg.batch_size, seed=cfg.seed, epoch=epoch,
                                      batches_per_worker=math.ceil(steps_per_epoch / workers),
-                                     min_clean_prob=cfg.min_clean_prob, require_scores=needs_scores(loss_fn, cfg))
+                                     min_clean_prob=cfg.min_clean_prob, require_scores=needs_scores(loss_fn, cfg),
+                                     keep_list=cfg.keep_list)
             loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=cfg.workers,
                                                  pin_memory=env.device.type == "cuda")
             tick = time.perf_counter()

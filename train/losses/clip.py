@@ -55,11 +55,19 @@ class ClipLoss(nn.Module):
             return per_image, per_image.T
         return per_image, logit_scale * t @ all_v.T
 
-    def forward(self, image_features, text_features, logit_scale) -> dict[str, torch.Tensor]:
+    def forward(self, image_features, text_features, logit_scale, weight=None) -> dict[str, torch.Tensor]:
+        """`weight` (n,): a weight per local pair (the curate stage's reweighting), a weighted mean of its rows."""
         v, t = flat(image_features), flat(text_features)
         all_v, all_t = self.gather(v, t)
         per_image, per_text = self.logits(v, t, all_v, all_t, logit_scale)
         labels = self.positives(v.shape[0], v.device)
-        i2t = F.cross_entropy(per_image, labels)
-        t2i = F.cross_entropy(per_text, labels)
+        i2t = weighted_cross_entropy(per_image, labels, weight)
+        t2i = weighted_cross_entropy(per_text, labels, weight)
         return {"loss": (i2t + t2i) / 2, "i2t": i2t, "t2i": t2i}
+
+
+def weighted_cross_entropy(logits, labels, weight=None) -> torch.Tensor:
+    if weight is None:
+        return F.cross_entropy(logits, labels)
+    weight = weight.to(logits.dtype)
+    return (F.cross_entropy(logits, labels, reduction="none") * weight).sum() / weight.sum().clamp_min(1e-12)

@@ -1,0 +1,188 @@
+"""The curate stage: a selection policy over the scores -> a keep-list, and (--export) curated shards.
+
+    scores/NNNNN.parquet ─▶ curate.policies.apply_policy ─▶ curated/keep.parquet (key, keep, weight, reason)
+    --export: shards/NNNNN.tar ─▶ curated/NNNNN.tar (kept samples + their score fields, evenly sized)
+                                └▶ curated/unpaired_images/, curated/unpaired_texts/ (MMCL's unpaired pools)
+
+The keep-list is what the train stage reads (`train.keep_list`) without rewriting any image; the
+exported shards are for other trainers (`python -m open_clip_train.main --train-data ...`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import fsspec
+import numpy as np
+import polars as pl
+import webdataset as wds
+
+from curate.policies import apply_policy
+from pipelines.config import Config, ConfigError, join
+from pipelines.manifest import read_json, record_stage, write_json
+from pipelines.score import read_shard
+
+SCORE_FIELDS = ["key", "row", "status", "error", "cosine", "dn_score", "loss", "clean_prob",
+                "image_nn_keys", "image_nn_sims", "text_nn_keys", "text_nn_sims"]
+MISMATCH = ("clean_prob", "cosine", "dn_score")  # reasons that say the caption does not fit the image
+CAPTION_ERRORS = ("empty caption", "caption is not UTF-8", "no caption in the sample")
+
+
+def load_scores(config: Config) -> tuple[pl.DataFrame, list[str], list[str]]:
+    """Every shard's scores (without embeddings), the shards, and the shards whose scores are missing."""
+    done = read_json(join(config.shard_dir(), "_summary.json"))
+    if not done or not done["shards"]:
+        raise ConfigError(f"{config.shard_dir()} holds no complete shards; run the shard stage first")
+    names = [s.removesuffix(".tar") for s in done["shards"]]
+    tables, missing = [], []
+    for name in names:
+        path = join(config.score_dir(), name + ".parquet")
+        fs, p = fsspec.core.url_to_fs(path)
+        if not fs.exists(p):
+            missing.append(name)
+            continue
+        with fs.open(p, "rb") as f:
+            tables.append(pl.read_parquet(f, columns=SCORE_FIELDS).with_columns(shard=pl.lit(name)))
+    if not tables:
+        raise ConfigError(f"no scores in {config.score_dir()} for the {len(names)} shards; run the score stage first")
+    return pl.concat(tables), names, missing
+
+
+def run_curate(config: Config, export: bool | None = None) -> dict:
+    cfg = config.curate
+    out = config.curate_dir()
+    scores, names, missing = load_scores(config)
+    if missing:
+        print(f"curate: WARNING: no scores for {len(missing)} shard(s) ({', '.join(missing)}): their samples are left out")
+    steps = [step.model_dump(exclude_none=True) for step in cfg.policy]
+    decisions = apply_policy(scores, steps).with_columns(shard=scores["shard"])
+    fs, out_path = fsspec.core.url_to_fs(out)
+    fs.makedirs(out_path, exist_ok=True)
+    with fs.open(out_path + "/keep.parquet.tmp", "wb") as f:
+        decisions.drop("shard").write_parquet(f)
+    fs.mv(out_path + "/keep.parquet.tmp", out_path + "/keep.parquet")
+    kept = int(decisions["keep"].sum())
+    summary = {"policy": steps, "pairs": len(decisions), "kept": kept, "dropped": len(decisions) - kept,
+               "kept_fraction": kept / len(decisions) if len(decisions) else 0.0,
+               "dropped_by": dropped_by(decisions), "missing_scores": missing, "keep_list": join(out, "keep.parquet")}
+    if kept == 0:
+        print(f"curate: WARNING: the policy {steps} keeps none of the {len(decisions)} pairs; nothing exported, "
+              "and training on this keep-list is refused. Loosen the policy (e.g. a lower clean_prob min).")
+    elif export if export is not None else cfg.export:
+        summary["export"] = export_shards(config, decisions, scores, names)
+    write_json(join(out, "_summary.json"), summary)
+    record_stage(config, "curate", {"output": out, "kept": kept, "pairs": len(decisions)})
+    print_summary(summary)
+    return summary
+
+
+def dropped_by(decisions: pl.DataFrame) -> dict[str, int]:
+    """Dropped pairs by the kind of step that dropped them (the reason without its numbers)."""
+    kinds = decisions.filter(~pl.col("keep"))["reason"].str.extract(r"^(not scored|near-duplicate|[a-z_]+)", 1)
+    return dict(sorted(kinds.value_counts().iter_rows()))
+
+
+def export_shards(config: Config, decisions: pl.DataFrame, scores: pl.DataFrame, names: list[str]) -> dict:
+    """Kept samples into evenly sized tars (with their scores in the json), and the unpaired pools."""
+    cfg = config.curate
+    out = config.curate_dir()
+    fs, out_path = fsspec.core.url_to_fs(out)
+    for old in fs.glob(out_path + "/*.tar") + fs.glob(out_path + "/*_stats.json"):  # a previous export
+        fs.rm(old)
+    for pool in ("unpaired_images", "unpaired_texts"):
+        if fs.exists(f"{out_path}/{pool}"):
+            fs.rm(f"{out_path}/{pool}", recursive=True)
+    kept = decisions.filter(pl.col("keep"))
+    n_shards = math.ceil(len(kept) / cfg.samples_per_shard)
+    sizes = [len(kept) // n_shards + (i < len(kept) % n_shards) for i in range(n_shards)]
+    fields = scores.select("key", "cosine", "dn_score", "loss", "clean_prob").join(decisions.select("key", "weight"), on="key")
+    by_key = {row["key"]: row for row in fields.iter_rows(named=True)}
+    decision = dict(zip(decisions["key"].to_list(), decisions["reason"].to_list()))
+    curated = Writer(out, sizes)
+    pools = {"images": Writer(join(out, "unpaired_images"), None, cfg.samples_per_shard),
+             "texts": Writer(join(out, "unpaired_texts"), None, cfg.samples_per_shard)}
+    for name in names:
+        for sample in read_shard(join(config.shard_dir(), name + ".tar")):
+            key = sample["__key__"]
+            if key not in decision:
+                continue  # a shard without scores
+            reason = decision[key]
+            if reason is None:
+                meta = json.loads(sample.get("json", b"{}"))
+                meta["softcurate"] = {k: v for k, v in by_key[key].items() if k != "key"}
+                curated.write({"__key__": key, "jpg": sample["jpg"], "txt": sample["txt"], "json": json.dumps(meta)})
+            elif reason.startswith(MISMATCH) or reason.startswith("not scored"):
+                error = reason.removeprefix("not scored: ")
+                if "jpg" in sample and (reason.startswith(MISMATCH) or error in CAPTION_ERRORS):
+                    pools["images"].write({"__key__": key, "jpg": sample["jpg"], "json": sample.get("json", b"{}")})
+                if "txt" in sample and (reason.startswith(MISMATCH) or error not in CAPTION_ERRORS):
+                    pools["texts"].write({"__key__": key, "txt": sample["txt"], "json": sample.get("json", b"{}")})
+        for key, caption in failed_downloads(config, name):  # captions whose image never arrived
+            pools["texts"].write({"__key__": key, "txt": caption.encode("utf-8"), "json": json.dumps({"key": key})})
+    return {"shards": curated.close(), "unpaired_images": pools["images"].close(), "unpaired_texts": pools["texts"].close()}
+
+
+def failed_downloads(config: Config, name: str) -> list[tuple[str, str]]:
+    with fsspec.open(join(config.shard_dir(), name + ".parquet"), "rb") as f:
+        rows = pl.read_parquet(f, columns=["key", "status", "caption"])
+    rows = rows.filter((pl.col("status") != "success") & pl.col("caption").is_not_null() & (pl.col("caption").str.strip_chars() != ""))
+    return list(rows.select("key", "caption").iter_rows())
+
+
+class Writer:
+    """Tars named 00000.tar ... with img2dataset-style _stats.json; fixed sizes, or rolled every `per_shard`."""
+
+    def __init__(self, out: str, sizes: list[int] | None, per_shard: int | None = None):
+        self.out, self.sizes, self.per_shard = out, sizes, per_shard
+        self.fs, self.path = fsspec.core.url_to_fs(out)
+        self.fs.makedirs(self.path, exist_ok=True)
+        self.shard, self.count, self.total, self.tar, self.file, self.written = -1, 0, 0, None, None, []
+
+    def capacity(self) -> float:
+        if self.sizes is not None:
+            return self.sizes[self.shard] if self.shard < len(self.sizes) else np.inf
+        return self.per_shard
+
+    def write(self, sample: dict) -> None:
+        if self.tar is None or self.count >= self.capacity():
+            self.roll()
+        self.tar.write(sample)  # mtime 0, fixed owner: the same samples give the same bytes
+        self.count += 1
+        self.total += 1
+
+    def roll(self) -> None:
+        self.finish()
+        self.shard += 1
+        self.count = 0
+        name = f"{self.path}/{self.shard:05d}.tar"
+        self.file = self.fs.open(name + ".tmp", "wb")
+        self.tar = wds.TarWriter(self.file, user="softcurate", group="softcurate", mtime=0)
+
+    def finish(self) -> None:
+        if self.tar is None:
+            return
+        self.tar.close()
+        self.file.close()
+        name = f"{self.path}/{self.shard:05d}.tar"
+        self.fs.mv(name + ".tmp", name)
+        write_json(f"{self.out}/{self.shard:05d}_stats.json", {"count": self.count, "successes": self.count})
+        self.written.append(f"{self.out}/{self.shard:05d}.tar")
+        self.tar = None
+
+    def close(self) -> dict:
+        self.finish()
+        return {"shards": self.written, "samples": self.total,
+                "urls": f"{self.out}/{{00000..{len(self.written) - 1:05d}}}.tar" if self.written else None}
+
+
+def print_summary(summary: dict) -> None:
+    print(f"\ncurate summary: {summary['pairs']} pairs -> {summary['kept']} kept ({summary['kept_fraction']:.1%}), "
+          f"{summary['dropped']} dropped; keep-list {summary['keep_list']}")
+    for kind, count in summary["dropped_by"].items():
+        print(f"  {count:>8}  dropped by {kind}")
+    if "export" in summary:
+        e = summary["export"]
+        print(f"  exported {e['shards']['samples']} samples in {len(e['shards']['shards'])} shards: {e['shards']['urls']}")
+        print(f"  unpaired pools: {e['unpaired_images']['samples']} images ({e['unpaired_images']['urls']}), "
+              f"{e['unpaired_texts']['samples']} texts ({e['unpaired_texts']['urls']})")
