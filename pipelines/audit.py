@@ -1,0 +1,237 @@
+"""The audit stage: how noisy is this dataset, where is the noise, what would a filter keep, which pairs show it.
+
+    scores/*.parquet + shards/*.parquet (urls, captions, failures) + scores/_summary.json
+        ─▶ facts (curate.policies, numpy) + figures and page (curate.report) ─▶ audit/index.html, summary.json, *.png
+
+Shards whose scores are missing are reported on the page and left out; nothing else stops the audit.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import fsspec
+import numpy as np
+import polars as pl
+from PIL import Image
+
+from curate import report
+from curate.policies import apply_policy
+from curate.scores import auroc
+from pipelines.config import Config, join
+from pipelines.curate import load_scores
+from pipelines.manifest import atomic_write, read_json, record_stage, write_json
+from pipelines.score import read_shard
+
+THUMBNAIL = 112
+
+
+def run_audit(config: Config) -> dict:
+    cfg = config.audit
+    scores, names, missing = load_scores(config)
+    table = with_shard_rows(config, scores, names)
+    summary = read_json(join(config.score_dir(), "_summary.json"), {})
+    truth = truth_table(config)
+    if truth is not None:
+        table = table.join(truth, on="row", how="left")
+    scored = table.filter(pl.col("status") == "scored")
+    facts = {
+        "title": f"Noise audit of {config.root}",
+        "teacher": summary.get("teacher"),
+        "noise": noise_facts(scored, summary, cfg.bootstrap, config.seed),
+        "counts": count_facts(config, table),
+        "policies": policy_facts(table, config),
+        "sources": source_facts(scored),
+        "missing_scores": missing,
+        "warnings": [],
+    }
+    if truth is not None:
+        facts["detection"] = detection_facts(scored, cfg.threshold)
+    if len(scored) == 0:
+        facts["warnings"].append("no pair could be scored: every figure below is empty")
+    galleries = gallery_facts(scored, cfg.gallery_size, cfg.duplicate_sim)
+    thumbs = thumbnails(config, {item["key"] for items in galleries.values() for item in items})
+    figures = report.histograms(scored, summary.get("mixture"))
+    figures["policies"] = report.policy_curves(policy_curves(scored))
+    out = config.audit_dir()
+    for name, data in report.figure_files(figures).items():
+        atomic_write(join(out, name), data)
+    atomic_write(join(out, "index.html"), report.render_page(facts, figures, galleries, thumbs))
+    write_json(join(out, "summary.json"), facts)
+    record_stage(config, "audit", {"output": out, "pairs": len(scored), "missing_scores": missing})
+    n = facts["noise"]
+    print(f"audit: {len(scored)} scored pairs, estimated noise {n['estimated_rate']:.1%} "
+          f"[{n['ci_low']:.1%}, {n['ci_high']:.1%}]" + (f"; {len(missing)} shard(s) without scores" if missing else "")
+          + f"\naudit: report {join(out, 'index.html')}")
+    return facts
+
+
+def with_shard_rows(config: Config, scores: pl.DataFrame, names: list[str]) -> pl.DataFrame:
+    """Scores joined with each sample's url and caption from its shard's parquet, and its source (url host)."""
+    rows = []
+    for name in names:
+        with fsspec.open(join(config.shard_dir(), name + ".parquet"), "rb") as f:
+            rows.append(pl.read_parquet(f, columns=["key", "url", "caption"]))
+    shard_rows = pl.concat(rows)
+    return scores.join(shard_rows, on="key", how="left").with_columns(
+        source=pl.col("url").str.extract(r"^[a-zA-Z][a-zA-Z0-9+.-]*://([^/:?#]+)", 1).fill_null("unknown"))
+
+
+def truth_table(config: Config) -> pl.DataFrame | None:
+    """The demo world's ground truth (which rows are noisy), when there is one."""
+    if config.world is None:
+        return None
+    path = join(config.world_dir(), "truth.parquet")
+    if not os.path.exists(path):
+        return None
+    return pl.read_parquet(path, columns=["row", "noisy", "noise_type"])
+
+
+def noise_facts(scored: pl.DataFrame, summary: dict, resamples: int, seed: int) -> dict:
+    """1 - mean(clean_prob), with a bootstrap interval over pairs (on at most 100k of them)."""
+    clean = scored["clean_prob"].to_numpy().astype(np.float64)
+    if len(clean) == 0:
+        return {"estimated_rate": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
+    rng = np.random.default_rng(seed)
+    sample = clean if len(clean) <= 100_000 else rng.choice(clean, 100_000, replace=False)
+    means = np.array([sample[rng.integers(0, len(sample), len(sample))].mean() for _ in range(resamples)])
+    noise = summary.get("noise", {})
+    return {"estimated_rate": float(1 - clean.mean()), "ci_low": float(1 - np.quantile(means, 0.975)),
+            "ci_high": float(1 - np.quantile(means, 0.025)),
+            "temperature_indicator": noise.get("temperature_indicator"),
+            "noisy_component_weight": noise.get("noisy_component_weight")}
+
+
+def count_facts(config: Config, table: pl.DataFrame) -> dict:
+    """Counts that reconcile with the shard stage: input rows = scored + failed (score) + failed (shard)."""
+    shard = read_json(join(config.shard_dir(), "_summary.json"), {})
+    counts = shard.get("counts", {})
+    failures = [{"stage": "shard", "reason": f"{r['status']}: {r['reason']}", "count": r["count"]}
+                for r in shard.get("failures_by_reason", [])]
+    score_failures = table.filter(pl.col("status") == "failed").group_by("error").len().sort("len", descending=True)
+    failures += [{"stage": "score", "reason": e, "count": c} for e, c in score_failures.iter_rows()]
+    scored = int((table["status"] == "scored").sum())
+    failed = len(table) - scored
+    input_rows = counts.get("input_rows", len(table))
+    return {"input_rows": input_rows, "samples": len(table), "scored": scored, "failed": failed,
+            "rejected": counts.get("rejected", 0), "download_failures": counts.get("failures", 0) - counts.get("rejected", 0),
+            "reconciled": input_rows == scored + failed + counts.get("failures", 0), "failures_by_reason": failures}
+
+
+def policy_facts(table: pl.DataFrame, config: Config) -> list[dict]:
+    """What the configured policy, and each of its steps alone, would keep."""
+    steps = [step.model_dump(exclude_none=True) for step in config.curate.policy]
+    rows = []
+    for label, chosen in [*((describe(s), [s]) for s in steps), *((("all steps together", steps),) if len(steps) > 1 else ())]:
+        kept = int(apply_policy(table, chosen)["keep"].sum())
+        rows.append({"policy": label, "threshold": "", "kept": kept, "kept_fraction": kept / len(table) if len(table) else 0.0})
+    return rows
+
+
+def describe(step: dict) -> str:
+    setting = {k: v for k, v in step.items() if k != "kind" and not (k == "side" and step["kind"] != "dedup")
+               and not (k == "by" and step["kind"] != "reweight")}
+    return step["kind"] + " " + ", ".join(f"{k}={v}" for k, v in setting.items())
+
+
+def policy_curves(scored: pl.DataFrame) -> dict[str, dict]:
+    """Kept fraction against each policy's threshold: a curve, not one number."""
+    curves = {}
+    for column, label in (("clean_prob", "clean_prob >= t"), ("cosine", "cosine >= t (top fraction)"),
+                          ("dn_score", "DN score >= t")):
+        values = np.sort(scored[column].drop_nulls().to_numpy())
+        if len(values) == 0:
+            continue
+        grid = np.linspace(0, 1, 51) if column == "clean_prob" else np.quantile(values, np.linspace(0, 1, 51))
+        kept = 1 - np.searchsorted(values, grid, side="left") / len(values)
+        curves[column] = {"threshold": grid.tolist(), "kept_fraction": kept.tolist(), "label": label}
+    return curves
+
+
+def source_facts(scored: pl.DataFrame) -> list[dict]:
+    by_source = (scored.group_by("source").agg(pairs=pl.len(), mean_clean_prob=pl.col("clean_prob").mean())
+                 .with_columns(estimated_noise=1 - pl.col("mean_clean_prob")).sort("pairs", "source", descending=[True, False]))
+    return by_source.head(50).to_dicts()
+
+
+def detection_facts(scored: pl.DataFrame, threshold: float) -> dict:
+    """Against the demo world's truth: AUROC, and precision/recall of flagging pairs as noisy.
+
+    The cosine, DN and loss baselines flag as many pairs as clean_prob < threshold does, so the
+    precision and recall compare like with like.
+    """
+    known = scored.filter(pl.col("noisy").is_not_null())
+    noisy = known["noisy"].to_numpy()
+    flagged = int((known["clean_prob"] < threshold).sum())
+    rows = []
+    for name, noisiness in (("clean_prob", -known["clean_prob"].to_numpy()), ("cosine", -known["cosine"].to_numpy()),
+                            ("dn_score", -known["dn_score"].to_numpy()), ("loss", known["loss"].to_numpy())):
+        order = np.lexsort((known["key"].to_numpy(), -noisiness))
+        flags = np.zeros(len(known), dtype=bool)
+        flags[order[:flagged]] = True
+        hits = int((flags & noisy).sum())
+        rows.append({"score": name, "auroc": auroc(noisy, noisiness), "precision": hits / flagged if flagged else float("nan"),
+                     "recall": hits / noisy.sum() if noisy.sum() else float("nan")})
+    return {"threshold": threshold, "flagged": flagged, "noisy": int(noisy.sum()), "pairs": len(known), "rows": rows}
+
+
+def gallery_facts(scored: pl.DataFrame, size: int, duplicate_sim: float) -> dict[str, list[dict]]:
+    fields = ["key", "caption", "url", "clean_prob", "cosine"]
+    ordered = scored.sort("clean_prob", "key")
+    galleries = {
+        "mismatches": ordered.head(size).select(fields).to_dicts(),
+        "cleanest": scored.sort("clean_prob", "key", descending=[True, False]).head(size).select(fields).to_dicts(),
+        "borderline": scored.with_columns(gap=(pl.col("clean_prob") - 0.5).abs()).sort("gap", "key").head(size)
+                            .select(fields).to_dicts(),
+    }
+    for side, name, differ in (("image", "duplicate_images", "caption"), ("text", "duplicate_captions", "url")):
+        galleries[name] = duplicate_groups(scored, side, differ, duplicate_sim, size)
+    return galleries
+
+
+def duplicate_groups(scored: pl.DataFrame, side: str, differ: str, min_sim: float, size: int) -> list[dict]:
+    """Near-duplicate groups to show: each anchor with its neighbours at >= min_sim whose `differ` field differs.
+
+    Star groups around the closest anchors, not connected components: with a weak teacher the
+    similarity graph chains unrelated pairs into one giant component, which shows nothing.
+    """
+    fields = ["key", "caption", "url", "clean_prob", "cosine"]
+    by_key = {row["key"]: row for row in scored.select(fields).iter_rows(named=True)}
+    anchors = (scored.select("key", differ, nn=pl.col(f"{side}_nn_keys"), sims=pl.col(f"{side}_nn_sims"))
+               .with_columns(top=pl.col("sims").list.first()).filter(pl.col("top") >= min_sim)
+               .sort("top", "key", descending=[True, False]))
+    shown: set[str] = set()
+    groups: list[dict] = []
+    for anchor in anchors.iter_rows(named=True):
+        if anchor["key"] in shown or len({g["group"] for g in groups}) >= max(1, size // 2):
+            continue
+        members = [k for k, sim in zip(anchor["nn"], anchor["sims"]) if sim >= min_sim and k in by_key and k not in shown]
+        members = [k for k in members if by_key[k][differ] != anchor[differ]][:3]
+        if not members:
+            continue
+        for key in [anchor["key"], *members]:
+            shown.add(key)
+            groups.append({**by_key[key], "group": anchor["key"]})
+    return groups
+
+
+def thumbnails(config: Config, keys: set[str]) -> dict[str, bytes]:
+    """Small JPEGs of the gallery pairs, read from their shards (only the shards that hold them)."""
+    thumbs = {}
+    for shard in sorted({k[:5] for k in keys}):  # img2dataset keys start with their shard number
+        path = join(config.shard_dir(), f"{shard}.tar")
+        if not fsspec.core.url_to_fs(path)[0].exists(path):
+            continue
+        for sample in read_shard(path):
+            if sample["__key__"] in keys and "jpg" in sample:
+                try:
+                    with Image.open(io.BytesIO(sample["jpg"])) as image:
+                        image = image.convert("RGB")
+                        image.thumbnail((THUMBNAIL, THUMBNAIL))
+                        buf = io.BytesIO()
+                        image.save(buf, "JPEG", quality=85)
+                        thumbs[sample["__key__"]] = buf.getvalue()
+                except OSError:
+                    pass  # the page shows a placeholder
+    return thumbs
