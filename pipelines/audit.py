@@ -203,8 +203,11 @@ def duplicate_groups(scored: pl.DataFrame, side: str, differ: str, min_sim: floa
                .sort("top", "key", descending=[True, False]))
     shown: set[str] = set()
     groups: list[dict] = []
+    wanted = max(1, size // 2)
     for anchor in anchors.iter_rows(named=True):
-        if anchor["key"] in shown or len({g["group"] for g in groups}) >= max(1, size // 2):
+        if len({g["group"] for g in groups}) >= wanted:
+            break
+        if anchor["key"] in shown:
             continue
         members = [k for k, sim in zip(anchor["nn"], anchor["sims"]) if sim >= min_sim and k in by_key and k not in shown]
         members = [k for k in members if by_key[k][differ] != anchor[differ]][:3]

@@ -17,36 +17,18 @@ import open_clip
 import polars as pl
 import pytest
 
-from conftest import BIN, make_demo_shards
+from conftest import BIN, EPOCHS, N, config_for, make_demo_shards
 from pipelines.config import load_config
 from pipelines.score import run_score
 from pipelines.train import run_train
 
 pytestmark = pytest.mark.slow
 
-N = 1200
-EPOCHS = 6
-TRAIN = ["train.name=teacher", "train.batch_size=100", f"train.epochs={EPOCHS}", "train.lr=2e-3", "train.warmup_steps=5",
-         "train.workers=1", "train.epoch_checkpoints=true", "train.log_every=5"]
-SCORE = ["score.processes=1", "score.batch_size=128"]
 SCHEMA = {"key": pl.String, "row": pl.Int64, "status": pl.String, "error": pl.String,
           "teacher_image_emb": pl.Array(pl.Float16, 64), "teacher_text_emb": pl.Array(pl.Float16, 64),
           "cosine": pl.Float32, "dn_score": pl.Float32, "p_i2t": pl.Float32, "p_t2i": pl.Float32, "loss": pl.Float32,
           "clean_prob": pl.Float32, "image_nn_keys": pl.List(pl.String), "image_nn_sims": pl.List(pl.Float32),
           "text_nn_keys": pl.List(pl.String), "text_nn_sims": pl.List(pl.Float32)}
-
-
-def config_for(root, *overrides):
-    return load_config(None, [f"root={root}", f"world.dir={root}/world", "world.n_val=100", *TRAIN, *SCORE, *overrides])
-
-
-@pytest.fixture(scope="module")
-def scored(tmp_path_factory):
-    failing = '{"http_404": 1, "http_500": 0, "timeout": 0, "truncated": 0, "html": 0}'
-    root = make_demo_shards(tmp_path_factory.mktemp("score"), N, per_shard=400, n_val=100, failing=failing)
-    run_train(config_for(root))
-    summary = run_score(config_for(root))
-    return root, summary
 
 
 def digests(folder):

@@ -1,0 +1,130 @@
+"""Audit and curate end to end on the scored demo root (conftest's `scored`): the page in Chromium,
+the keep-list, the exported shards and pools, and training on them."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import polars as pl
+import pytest
+import webdataset as wds
+
+from conftest import BIN, N, config_for
+from pipelines.audit import run_audit
+from pipelines.curate import run_curate
+from pipelines.train import run_train
+
+pytestmark = pytest.mark.slow
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def open_in_chromium(page, screenshot):
+    """(console errors, images, images that did not load) of a page opened from disk in headless Chromium."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        tab = browser.new_page(viewport={"width": 1200, "height": 900})
+        errors = []
+        tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        tab.on("pageerror", lambda e: errors.append(str(e)))
+        tab.goto(f"file://{page}")
+        images = tab.evaluate("Array.from(document.images).map(i => i.naturalWidth)")
+        tab.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+    return errors, len(images), sum(1 for w in images if w == 0)
+
+
+def test_audit_page_renders_with_every_figure_and_thumbnail(scored, tmp_path):
+    root, score_summary = scored
+    config = config_for(root, f"audit.output={tmp_path / 'audit'}")
+    facts = run_audit(config)
+    counts = facts["counts"]
+    assert counts["reconciled"] and counts["input_rows"] == N + 1 and counts["scored"] == N
+    assert facts["noise"]["ci_low"] <= facts["noise"]["estimated_rate"] <= facts["noise"]["ci_high"]
+    assert facts["noise"]["estimated_rate"] == pytest.approx(score_summary["noise"]["estimated_rate"], rel=1e-5)
+    detection = {row["score"]: row for row in facts["detection"]["rows"]}
+    assert detection["clean_prob"]["auroc"] == pytest.approx(score_summary["detection"]["auroc"]["clean_prob"])
+    assert 0 < detection["clean_prob"]["precision"] <= 1 and 0 < detection["cosine"]["recall"] <= 1
+    for name in ("index.html", "summary.json", "loss.png", "cosine.png", "clean_prob.png", "dn_score.png", "policies.png"):
+        assert (tmp_path / "audit" / name).stat().st_size > 0, name
+    errors, images, broken = open_in_chromium(tmp_path / "audit" / "index.html", tmp_path / "audit.png")
+    assert errors == [] and broken == 0
+    assert images >= 5 + 3 * 12  # the figures and three full galleries of thumbnails
+    assert (tmp_path / "audit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_audit_reports_missing_scores_and_goes_on(scored, tmp_path):
+    root, _ = scored
+    copy = tmp_path / "copy"
+    for part in ("shards", "scores", "world"):
+        shutil.copytree(root / part, copy / part)
+    (copy / "scores" / "00001.parquet").unlink()
+    facts = run_audit(config_for(copy))
+    assert facts["missing_scores"] == ["00001"]
+    assert facts["counts"]["scored"] == N - 400
+    assert "00001" in (copy / "audit" / "index.html").read_text()
+
+
+def test_curate_keep_list_export_and_pools_reconcile(scored, tmp_path):
+    root, _ = scored
+    out = tmp_path / "curated"
+    summary = run_curate(config_for(root, f"curate.output={out}", "curate.samples_per_shard=300"), export=True)
+    keep = pl.read_parquet(out / "keep.parquet")
+    assert keep.columns == ["key", "keep", "weight", "reason"] and len(keep) == N
+    kept = keep.filter(pl.col("keep"))
+    assert summary["kept"] == len(kept) and keep.filter(~pl.col("keep"))["reason"].null_count() == 0
+    scores = pl.read_parquet(root / "scores" / "0*.parquet", columns=["key", "clean_prob"])
+    assert set(kept["key"]) == set(scores.filter(pl.col("clean_prob") >= 0.5)["key"])
+    export = summary["export"]
+    sizes = [json.loads((out / f"{i:05d}_stats.json").read_text())["successes"] for i in range(len(export["shards"]["shards"]))]
+    assert sum(sizes) == len(kept) and max(sizes) - min(sizes) <= 1 and max(sizes) <= 300  # evenly sized
+    samples = list(wds.WebDataset(export["shards"]["urls"], shardshuffle=False).decode())
+    assert sorted(s["__key__"] for s in samples) == sorted(kept["key"])
+    fields = samples[0]["json"]["softcurate"]
+    assert set(fields) == {"cosine", "dn_score", "loss", "clean_prob", "weight"} and fields["clean_prob"] >= 0.5
+    dropped = N - len(kept)
+    assert export["unpaired_images"]["samples"] == dropped
+    assert export["unpaired_texts"]["samples"] == dropped + 1  # and the caption whose url gave 404
+    texts = list(wds.WebDataset(export["unpaired_texts"]["urls"], shardshuffle=False))
+    assert all("txt" in s and "jpg" not in s for s in texts)
+
+
+def test_a_policy_that_keeps_nothing_warns_and_training_refuses_it(scored, tmp_path, capsys):
+    root, _ = scored
+    out = tmp_path / "none"
+    summary = run_curate(config_for(root, f"curate.output={out}", "curate.policy=[{kind: clean_prob, min: 1.0}]"),
+                         export=True)
+    assert summary["kept"] == 0 and "export" not in summary and not list(out.glob("*.tar"))
+    assert "keeps none of the" in capsys.readouterr().out
+    result = subprocess.run([str(BIN / "softcurate"), "train", "--root", str(root), "--keep-list", str(out / "keep.parquet"),
+                             "--max-steps", "2", "--name", "nothing"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "keeps none of its" in result.stderr
+
+
+def test_training_on_the_reweighted_keep_list_and_open_clip_on_the_export(scored, tmp_path):
+    root, _ = scored
+    out = tmp_path / "weighted"
+    run_curate(config_for(root, f"curate.output={out}", "curate.policy=[{kind: reweight, by: clean_prob}]"), export=False)
+    result = run_train(config_for(root, "train.name=weighted", f"train.keep_list={out / 'keep.parquet'}", "train.max_steps=6",
+                                  "train.epoch_checkpoints=false"))
+    assert result["steps"] == 6 and np.isfinite(result["last"]["loss"])
+    export = run_curate(config_for(root, f"curate.output={tmp_path / 'export'}"), export=True)["export"]["shards"]
+    import train.models
+
+    model_dir = tmp_path / "tiny"  # open_clip's trainer takes our model as a local-dir config
+    model_dir.mkdir()
+    model_cfg = json.loads((train.models.CONFIG_DIR / "softcurate-tiny.json").read_text())
+    (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    run = subprocess.run(
+        [sys.executable, "-m", "open_clip_train.main", "--train-data", export["urls"], "--train-num-samples",
+         str(export["samples"]), "--dataset-type", "webdataset", "--model", f"local-dir:{model_dir}", "--batch-size", "32",
+         "--epochs", "1", "--workers", "1", "--lr", "1e-3", "--warmup", "1", "--logs", str(tmp_path / "logs"),
+         "--name", "curated", "--save-frequency", "1", "--report-to", "", "--device", "cpu", "--precision", "fp32",
+         "--log-every-n-steps", "1"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert (tmp_path / "logs" / "curated" / "checkpoints" / "epoch_1.pt").exists()
