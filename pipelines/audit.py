@@ -46,8 +46,9 @@ def run_audit(config: Config) -> dict:
         "missing_scores": missing,
         "warnings": [],
     }
-    if truth is not None:
-        facts["detection"] = detection_facts(scored, cfg.threshold)
+    known = scored.filter(pl.col("noisy").is_not_null()) if truth is not None else None
+    if known is not None and known["noisy"].n_unique() == 2:  # AUROC needs both clean and noisy pairs
+        facts["detection"] = detection_facts(known, cfg.threshold)
     if len(scored) == 0:
         facts["warnings"].append("no pair could be scored: every figure below is empty")
     galleries = gallery_facts(scored, cfg.gallery_size, cfg.duplicate_sim)
@@ -121,7 +122,7 @@ def count_facts(config: Config, table: pl.DataFrame) -> dict:
 
 def policy_facts(table: pl.DataFrame, config: Config) -> list[dict]:
     """What the configured policy, and each of its steps alone, would keep."""
-    steps = [step.model_dump(exclude_none=True) for step in config.curate.policy]
+    steps = [step.model_dump(exclude_defaults=True) for step in config.curate.policy]
     rows = []
     for label, chosen in [*((describe(s), [s]) for s in steps), *((("all steps together", steps),) if len(steps) > 1 else ())]:
         kept = int(apply_policy(table, chosen)["keep"].sum())
@@ -155,13 +156,12 @@ def source_facts(scored: pl.DataFrame) -> list[dict]:
     return by_source.head(50).to_dicts()
 
 
-def detection_facts(scored: pl.DataFrame, threshold: float) -> dict:
+def detection_facts(known: pl.DataFrame, threshold: float) -> dict:
     """Against the demo world's truth: AUROC, and precision/recall of flagging pairs as noisy.
 
     The cosine, DN and loss baselines flag as many pairs as clean_prob < threshold does, so the
     precision and recall compare like with like.
     """
-    known = scored.filter(pl.col("noisy").is_not_null())
     noisy = known["noisy"].to_numpy()
     flagged = int((known["clean_prob"] < threshold).sum())
     rows = []

@@ -55,7 +55,7 @@ def run_curate(config: Config, export: bool | None = None) -> dict:
     scores, names, missing = load_scores(config)
     if missing:
         print(f"curate: WARNING: no scores for {len(missing)} shard(s) ({', '.join(missing)}): their samples are left out")
-    steps = [step.model_dump(exclude_none=True) for step in cfg.policy]
+    steps = [step.model_dump(exclude_defaults=True) for step in cfg.policy]
     decisions = apply_policy(scores, steps).with_columns(shard=scores["shard"])
     fs, out_path = fsspec.core.url_to_fs(out)
     fs.makedirs(out_path, exist_ok=True)

@@ -128,3 +128,27 @@ def test_training_on_the_reweighted_keep_list_and_open_clip_on_the_export(scored
          "--log-every-n-steps", "1"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     assert (tmp_path / "logs" / "curated" / "checkpoints" / "epoch_1.pt").exists()
+
+
+def test_an_empty_dataset_gives_a_report_and_a_refused_keep_list(tmp_path):
+    """Every sample failed to score: the audit still writes its page (with a warning), curate keeps nothing."""
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "scores").mkdir()
+    keys = [f"00000{i:04d}" for i in range(5)]
+    pl.DataFrame({"key": keys, "url": [f"http://example.com/{k}.jpg" for k in keys], "caption": [""] * 5,
+                  "status": ["success"] * 5}).write_parquet(tmp_path / "shards" / "00000.parquet")
+    (tmp_path / "shards" / "_summary.json").write_text(json.dumps({"shards": ["00000.tar"], "counts": {
+        "input_rows": 5, "rejected": 0, "failures": 0}, "failures_by_reason": []}))
+    empty = pl.Series([None] * 5, dtype=pl.Float32)
+    pl.DataFrame({"key": keys, "row": list(range(5)), "status": ["failed"] * 5, "error": ["empty caption"] * 5,
+                  "cosine": empty, "dn_score": empty, "loss": empty, "clean_prob": empty,
+                  "image_nn_keys": pl.Series([None] * 5, dtype=pl.List(pl.String)),
+                  "image_nn_sims": pl.Series([None] * 5, dtype=pl.List(pl.Float32)),
+                  "text_nn_keys": pl.Series([None] * 5, dtype=pl.List(pl.String)),
+                  "text_nn_sims": pl.Series([None] * 5, dtype=pl.List(pl.Float32))}
+                 ).write_parquet(tmp_path / "scores" / "00000.parquet")
+    config = config_for(tmp_path)
+    facts = run_audit(config)
+    assert facts["counts"]["failed"] == 5 and facts["counts"]["reconciled"]
+    assert "no pair could be scored" in (tmp_path / "audit" / "index.html").read_text()
+    assert run_curate(config, export=True)["kept"] == 0
