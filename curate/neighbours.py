@@ -11,6 +11,7 @@ runs. Missing neighbours (fewer than k candidates) are padding: id -1, sim NaN, 
 from __future__ import annotations
 
 import math
+
 import faiss
 import fsspec
 import numpy as np

@@ -124,16 +124,15 @@ def policy_facts(table: pl.DataFrame, config: Config) -> list[dict]:
     """What the configured policy, and each of its steps alone, would keep."""
     steps = [step.model_dump(exclude_defaults=True) for step in config.curate.policy]
     rows = []
-    for label, chosen in [*((describe(s), [s]) for s in steps), *((("all steps together", steps),) if len(steps) > 1 else ())]:
+    for label, setting, chosen in [*((s["kind"], describe(s), [s]) for s in steps),
+                                   *((("all steps together", "", steps),) if len(steps) > 1 else ())]:
         kept = int(apply_policy(table, chosen)["keep"].sum())
-        rows.append({"policy": label, "threshold": "", "kept": kept, "kept_fraction": kept / len(table) if len(table) else 0.0})
+        rows.append({"policy": label, "threshold": setting, "kept": kept, "kept_fraction": kept / len(table) if len(table) else 0.0})
     return rows
 
 
 def describe(step: dict) -> str:
-    setting = {k: v for k, v in step.items() if k != "kind" and not (k == "side" and step["kind"] != "dedup")
-               and not (k == "by" and step["kind"] != "reweight")}
-    return step["kind"] + " " + ", ".join(f"{k}={v}" for k, v in setting.items())
+    return ", ".join(f"{k} {v}" for k, v in step.items() if k != "kind")
 
 
 def policy_curves(scored: pl.DataFrame) -> dict[str, dict]:

@@ -12,8 +12,7 @@ import typing
 
 from pydantic import BaseModel
 
-from pipelines.config import (AuditConfig, Config, ConfigError, CurateConfig, ScoreConfig, ShardConfig, TrainConfig,
-                              load_config)
+from pipelines.config import AuditConfig, Config, ConfigError, CurateConfig, ScoreConfig, ShardConfig, TrainConfig, load_config
 from pipelines.urllist import InputError
 
 RENAMED = {"input.path": "input"}  # `--input urls.tsv` reads better than `--path`

@@ -13,7 +13,6 @@ import contextlib
 import logging
 
 import dask
-
 from dask.distributed import Client, LocalCluster, as_completed, default_client
 from img2dataset.distributor import retrier
 from tqdm import tqdm

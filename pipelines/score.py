@@ -29,10 +29,17 @@ from tqdm import tqdm
 
 from curate import neighbours as nn
 from curate.dn import dn_center, dn_means, normalise
-from curate.scores import (auroc, clean_probability, cosine_score, fit_mixture, key_ranks, pair_loss, pair_posterior,
-                           temperature_noise_indicator)
-from curate.teacher import (BadSample, embed, embed_captions, fast_path, load_text_teacher, logit_scale, prepare,
-                            stack_images)
+from curate.scores import (
+    auroc,
+    clean_probability,
+    cosine_score,
+    fit_mixture,
+    key_ranks,
+    pair_loss,
+    pair_posterior,
+    temperature_noise_indicator,
+)
+from curate.teacher import BadSample, embed, embed_captions, fast_path, load_text_teacher, logit_scale, prepare, stack_images
 from pipelines.config import Config, ConfigError, join, save_config
 from pipelines.distributor import dask_client
 from pipelines.manifest import read_json, record_stage, write_json

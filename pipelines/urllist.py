@@ -8,6 +8,7 @@ naming the file; a bad row never raises: it becomes a rejected row with a reason
 from __future__ import annotations
 
 import hashlib
+
 import fsspec
 import polars as pl
 

@@ -10,8 +10,8 @@ import numpy as np
 import polars as pl
 import pytest
 import webdataset as wds
-
 from conftest import BIN, N, config_for
+
 from pipelines.audit import run_audit
 from pipelines.curate import run_curate
 from pipelines.train import run_train

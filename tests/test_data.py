@@ -3,8 +3,8 @@
 import polars as pl
 import pytest
 import torch
-
 from conftest import make_demo_shards
+
 from train.data import count_samples, expand_urls, make_pipeline
 from train.models import create_model
 

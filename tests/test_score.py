@@ -16,8 +16,8 @@ import numpy as np
 import open_clip
 import polars as pl
 import pytest
-
 from conftest import BIN, EPOCHS, N, config_for, make_demo_shards
+
 from pipelines.config import load_config
 from pipelines.score import run_score
 from pipelines.train import run_train

@@ -6,8 +6,16 @@ import torch
 import torch.nn.functional as F
 
 from curate.dn import dn_center, dn_means, normalise
-from curate.scores import (auroc, clean_probability, cosine_score, fit_mixture, key_ranks, pair_loss, pair_posterior,
-                           temperature_noise_indicator)
+from curate.scores import (
+    auroc,
+    clean_probability,
+    cosine_score,
+    fit_mixture,
+    key_ranks,
+    pair_loss,
+    pair_posterior,
+    temperature_noise_indicator,
+)
 from train.losses import ClipLoss
 
 

@@ -9,9 +9,9 @@ import duckdb
 import polars as pl
 import pytest
 import webdataset as wds
+from conftest import BIN, free_port
 from dask.distributed import Client
 
-from conftest import BIN, free_port
 from pipelines.config import ShardConfig, load_config
 from pipelines.shard import failure_reason, run_shard
 from pipelines.urllist import InputError

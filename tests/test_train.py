@@ -12,8 +12,8 @@ import time
 import open_clip
 import pytest
 import torch
-
 from conftest import BIN, make_demo_shards
+
 from pipelines.config import load_config
 from pipelines.train import run_train
 
@@ -229,8 +229,9 @@ def test_mmcl_sequential_with_a_frozen_teacher(root):
 @pytest.mark.slow
 def test_softclip_with_teacher_scores_and_adaptive_alpha(root, tmp_path):
     """The score stage's fields (teacher embeddings, clean_prob) reach the loss through the loader."""
-    import polars as pl
     import shutil
+
+    import polars as pl
 
     shards = tmp_path / "shards"
     shutil.copytree(root / "shards", shards)

@@ -12,6 +12,7 @@ import json
 import logging
 import random
 from functools import partial
+
 import braceexpand
 import fsspec
 import numpy as np
