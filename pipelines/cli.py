@@ -12,7 +12,17 @@ import typing
 
 from pydantic import BaseModel
 
-from pipelines.config import AuditConfig, Config, ConfigError, CurateConfig, ScoreConfig, ShardConfig, TrainConfig, load_config
+from pipelines.config import (
+    AuditConfig,
+    Config,
+    ConfigError,
+    CurateConfig,
+    EvaluateConfig,
+    ScoreConfig,
+    ShardConfig,
+    TrainConfig,
+    load_config,
+)
 from pipelines.urllist import InputError
 
 RENAMED = {"input.path": "input"}  # `--input urls.tsv` reads better than `--path`
@@ -60,7 +70,13 @@ def run_curate(config: Config) -> dict:
     return curate(config)
 
 
-STAGES = {"world": run_world, "shard": run_shard, "train": run_train, "score": run_score, "audit": run_audit,
+def run_evaluate(config: Config) -> dict:
+    from pipelines.evaluate import run_evaluate as evaluate
+
+    return evaluate(config)
+
+
+STAGES = {"evaluate": run_evaluate, "world": run_world, "shard": run_shard, "train": run_train, "score": run_score, "audit": run_audit,
           "curate": run_curate}
 
 
@@ -122,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     curate = command("curate", "apply a selection policy: keep-list, and with --export curated shards and unpaired pools",
                      config_required=False)
     model_options(curate, CurateConfig, "curate")
+    evaluate = command("evaluate", "zero-shot and retrieval of checkpoints, with the dot product and with DN",
+                       config_required=False)
+    model_options(evaluate, EvaluateConfig, "evaluate")
     return parser
 
 

@@ -205,7 +205,24 @@ class AuditConfig(Strict):
     bootstrap: int = option(200, "resamples for the noise estimate's interval", ge=10)
 
 
-Stage = Literal["world", "shard", "train", "score", "audit", "curate"]
+# ---------------------------------------------------------------- evaluation
+class EvaluateConfig(Strict):
+    checkpoints: list[str] = option([], "checkpoints (paths or globs; open_clip or oblique); default: the train run's best.pt")
+    model: Optional[str] = option(None, "open_clip model name; default: train.model")
+    data: Optional[str] = option(None, "evaluation WebDataset (brace notation); default: the demo world's test.tar")
+    label_field: str = option("cls", "the label of each sample: a key of its json, or cls for a .cls file")
+    classnames: Optional[str] = option(None, "text file, one class name per line (labels are indices or names)")
+    folder: Optional[str] = option(None, "an image folder per class (zero-shot only), instead of data")
+    templates: list[str] = option([], "prompt templates with {} for the class name; default: a small generic set")
+    dn_lambda: float = option(0.5, "Distribution Normalization: the share of the mean subtracted", ge=0, le=1)
+    dn_samples: int = option(100, "unlabeled samples each DN mean comes from", ge=1)
+    dn_seeds: int = option(5, "DN draws (seeds) the spread is reported over", ge=1)
+    dn_data: Optional[str] = option(None, "where DN's unlabeled samples come from; default: the world's val.tar, else data")
+    output: Optional[str] = option(None, "where the JSON results go; default <root>/eval")
+    device: str = option("auto", "auto: cuda when available, else cpu")
+
+
+Stage = Literal["world", "shard", "train", "score", "audit", "curate", "evaluate"]
 
 
 class Config(Strict):
@@ -218,6 +235,7 @@ class Config(Strict):
     score: ScoreConfig = ScoreConfig()
     audit: AuditConfig = AuditConfig()
     curate: CurateConfig = CurateConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     def world_dir(self) -> str:
         return (self.world.dir if self.world and self.world.dir else None) or join(self.root, "world")
@@ -233,6 +251,9 @@ class Config(Strict):
 
     def curate_dir(self) -> str:
         return self.curate.output or join(self.root, "curated")
+
+    def eval_dir(self) -> str:
+        return self.evaluate.output or join(self.root, "eval")
 
     def run_dir(self) -> str:
         return self.train.output or join(self.root, "runs", self.train.name)
