@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+from pathlib import Path
 
 import torch
 
@@ -40,13 +41,17 @@ def run_evaluate(config: Config) -> dict:
     results = []
     for checkpoint in checkpoints:
         result = evaluate_checkpoint(config, checkpoint)
-        name = os.path.splitext(os.path.basename(checkpoint))[0]
-        run = os.path.basename(os.path.dirname(os.path.dirname(checkpoint))) or "model"
-        write_json(join(config.eval_dir(), f"{run}_{name}.json"), result)
+        write_json(join(config.eval_dir(), result_name(checkpoint) + ".json"), result)
         results.append(result)
         print_table(result)
     record_stage(config, "evaluate", {"output": config.eval_dir(), "checkpoints": checkpoints})
     return {"results": results, "dn_lambda": cfg.dn_lambda}
+
+
+def result_name(checkpoint: str) -> str:
+    """runs/<run>/checkpoints/best.pt -> <run>_best; any other path -> its file name without suffix."""
+    parts = Path(checkpoint).parts
+    return f"{parts[-3]}_{Path(checkpoint).stem}" if len(parts) >= 3 and parts[-2] == "checkpoints" else Path(checkpoint).stem
 
 
 def resolve_checkpoints(config: Config) -> list[str]:
