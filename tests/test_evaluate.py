@@ -9,9 +9,9 @@ import subprocess
 import pytest
 import torch
 import webdataset as wds
+from conftest import BIN
 from PIL import Image
 
-from conftest import BIN
 from train.evaluate import dn_means, retrieval, retrieval_recall, tokens, with_dn, zero_shot
 
 
