@@ -36,7 +36,7 @@ RESULTS = ROOT / "docs" / "results" / "efficacy"
 SMOKE = {"world": ["world.n_train=300", "world.n_val=60", "world.n_test=60", "shard.samples_per_shard=150",
                    "train.epochs=2", "train.batch_size=32", "curate.samples_per_shard=150"],
          "rows": ["clip_raw", "clip_curated_clean_prob", "softclip_teacher"],
-         "budget": {"max_steps": 12, "batch_size": 32, "warmup_steps": 2, "workers": 1, "checkpoint_every": 100}}
+         "budget": {"max_steps": 12, "batch_size": 32, "warmup_steps": 2, "workers": 1, "checkpoint_every": 100, "log_every": 1}}
 
 
 def prepare_world(config_path: str, overrides: list[str]):

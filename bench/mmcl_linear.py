@@ -19,7 +19,7 @@ the pool pseudo-paired once by the paired-stage model (shuffled batches of 50, t
 similarities of each, as UnpairedLoss picks them).
 
     .venv/bin/python bench/mmcl_linear.py [--seeds 5] [--sizes 500 1000 ... 5000] [--test 10000]
-        [--paired-epochs 100] [--unpaired-epochs 100] [--json PATH]
+        [--paired-epochs 100] [--unpaired-epochs 100] [--json PATH] [--threads 1]
 """
 
 from __future__ import annotations
@@ -220,8 +220,10 @@ def main() -> None:
     parser.add_argument("--paired-epochs", type=int, default=100)
     parser.add_argument("--unpaired-epochs", type=int, default=100)
     parser.add_argument("--json", default=None, help="write every number here")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; the matrices are tiny, so a second thread only adds sync (5x slower under load)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     results = {}
     for seed in range(args.seeds):
