@@ -22,7 +22,7 @@ from curate.scores import auroc
 from pipelines.config import Config, join
 from pipelines.curate import load_scores
 from pipelines.manifest import atomic_write, read_json, record_stage, write_json
-from pipelines.score import read_shard
+from pipelines.score_tasks import read_shard
 
 THUMBNAIL = 112
 

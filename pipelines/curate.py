@@ -21,7 +21,7 @@ import webdataset as wds
 from curate.policies import apply_policy
 from pipelines.config import Config, ConfigError, join
 from pipelines.manifest import read_json, record_stage, write_json
-from pipelines.score import read_shard
+from pipelines.score_tasks import read_shard
 
 SCORE_FIELDS = ["key", "row", "status", "error", "cosine", "dn_score", "loss", "clean_prob",
                 "image_nn_keys", "image_nn_sims", "text_nn_keys", "text_nn_sims"]

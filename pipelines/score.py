@@ -4,7 +4,8 @@
     seeded samples of the embeddings ─▶ DN means, reference bank, mixture fit (driver; memory bounded by the samples)
     _embed/NNNNN.parquet + those globals ─▶ score (Dask, one task per shard) ─▶ scores/NNNNN.parquet ─▶ _summary.json
 
-Every file is written under a temporary name and renamed, rows are sorted by key and every random
+The tasks themselves (what runs on the workers) are in pipelines/score_tasks.py. Every file is
+written under a temporary name and renamed, rows are sorted by key and every random
 choice is a seeded hash of the key, so a re-run, a resumed run and an uninterrupted one give the same bytes.
 """
 
@@ -12,18 +13,14 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
-import webdataset as wds
 from dask.distributed import as_completed
 from tqdm import tqdm
 
@@ -31,7 +28,6 @@ from curate import neighbours as nn
 from curate.dn import dn_center, dn_means, normalise
 from curate.scores import (
     auroc,
-    clean_probability,
     cosine_score,
     fit_mixture,
     key_ranks,
@@ -39,10 +35,10 @@ from curate.scores import (
     pair_posterior,
     temperature_noise_indicator,
 )
-from curate.teacher import BadSample, embed, embed_captions, fast_path, load_text_teacher, logit_scale, prepare, stack_images
 from pipelines.config import Config, ConfigError, join, save_config
 from pipelines.distributor import dask_client
 from pipelines.manifest import read_json, record_stage, write_json
+from pipelines.score_tasks import column, embed_shard, load_teachers, read_table, score_shard, scored_embeddings
 
 SAMPLE_SEEDS = {"dn": 1, "bank": 2, "mixture": 3}  # offsets of the config seed: three independent samples
 
@@ -170,139 +166,6 @@ def incomplete(failed: list[str]) -> dict:
     return {"incomplete_shards": sorted(failed)}
 
 
-# ---------------------------------------------------------------- teacher, on each worker
-_TEACHERS: dict = {}
-
-
-def load_teachers(spec: dict) -> dict:
-    """The teacher models, loaded once per process (worker) and kept."""
-    key = (spec["model"], tuple(spec["checkpoints"]), spec["text_teacher"], spec["device"])
-    if key not in _TEACHERS:
-        from train.models import create_model
-
-        device = torch.device(spec["device"])
-        models, scales = [], []
-        for checkpoint in spec["checkpoints"]:
-            try:
-                model, _, preprocess, tokenizer = create_model(spec["model"], checkpoint, device)
-            except (ValueError, FileNotFoundError, RuntimeError) as err:
-                raise ConfigError(f"score: cannot load the teacher {spec['model']} from {checkpoint}: "
-                                  f"{str(err).splitlines()[0]}") from None
-            models.append(model.eval())
-            scales.append(logit_scale(model))
-        text = None
-        if spec["text_teacher"]:
-            try:
-                text = load_text_teacher(spec["text_teacher"], spec["device"])
-            except Exception as err:
-                raise ConfigError(f"score: cannot load the text teacher {spec['text_teacher']}: {err}") from None
-        _TEACHERS.clear()  # one teacher per worker at a time
-        _TEACHERS[key] = {"models": models, "scales": scales, "preprocess": preprocess, "tokenizer": tokenizer,
-                          "fast": fast_path(models[0]),
-                          "text": text, "device": device}
-    return _TEACHERS[key]
-
-
-def read_shard(url: str) -> list[dict]:
-    """A shard's samples sorted by key (img2dataset writes them in download order)."""
-    samples = list(wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=wds.warn_and_continue)))
-    return sorted(samples, key=lambda s: s["__key__"])
-
-
-def embed_shard(url: str, out: str, spec: dict, batch_size: int, threads: int) -> dict:
-    """Teacher embeddings of one shard (every checkpoint), failures kept as rows with their reason."""
-    started = time.time()
-    torch.set_num_threads(threads)
-    teacher = load_teachers(spec)
-    samples = read_shard(url)
-    keys = [s["__key__"] for s in samples]
-    rows = [sample_row(s) for s in samples]
-    errors: list[str | None] = [None] * len(samples)
-    good: list[int] = []
-    captions: list[str] = []
-    dims = [m.visual.output_dim for m in teacher["models"]]  # the schema of a shard with no good sample
-    embeddings = [([], []) for _ in teacher["models"]]
-
-    def decode(batch: list[int]):  # runs in a thread, one batch ahead of the forward
-        done = []
-        for i in batch:
-            try:
-                done.append((i, *prepare(samples[i], teacher["preprocess"], teacher["fast"])))
-            except BadSample as err:
-                errors[i] = str(err)
-        if not done:
-            return None
-        captions = [d[2] for d in done]
-        images = stack_images([d[1] for d in done], teacher["fast"])
-        return [d[0] for d in done], images, teacher["tokenizer"](captions), captions
-
-    batches = [list(range(i, min(i + batch_size, len(samples)))) for i in range(0, len(samples), batch_size)]
-    with ThreadPoolExecutor(1) as pool:  # decode the next batch while this one runs (PIL releases the GIL)
-        pending = pool.submit(decode, batches[0]) if batches else None
-        for b in range(len(batches)):
-            done = pending.result()
-            pending = pool.submit(decode, batches[b + 1]) if b + 1 < len(batches) else None
-            if done is None:
-                continue
-            good += done[0]
-            captions += done[3]
-            for model, (image_out, text_out) in zip(teacher["models"], embeddings):
-                v, t = embed(model, done[1], done[2], teacher["device"], spec["bf16"])
-                image_out.append(v)
-                text_out.append(t)
-    columns = {"key": pa.array(keys, pa.string()), "row": pa.array(rows, pa.int64()),
-               "status": pa.array(["failed" if e else "scored" for e in errors], pa.string()),
-               "error": pa.array(errors, pa.string())}
-    for j, (image_out, text_out) in enumerate(embeddings):
-        dim = image_out[0].shape[1] if image_out else dims[j]
-        columns[f"image_emb_{j}"] = scatter(image_out, good, len(samples), dim)
-        columns[f"text_emb_{j}"] = scatter(text_out, good, len(samples), dim)
-    if teacher["text"] is not None:
-        sentence = [embed_captions(teacher["text"], captions)] if captions else []
-        columns["text_teacher_emb"] = scatter(sentence, good, len(samples), teacher["text"].get_sentence_embedding_dimension())
-    write_table(pa.table(columns), out)
-    return {"shard": os.path.basename(url), "samples": len(samples), "scored": len(good),
-            "failed": len(samples) - len(good), "seconds": time.time() - started}
-
-
-def sample_row(sample: dict) -> int | None:
-    try:
-        return json.loads(sample["json"]).get("row")
-    except (KeyError, ValueError):
-        return None
-
-
-def scatter(parts: list[np.ndarray], good: list[int], n: int, dim: int) -> pa.Array:
-    """float16 fixed-size lists, one per sample, null where the sample failed."""
-    values = np.zeros((n, dim), dtype=np.float16)
-    if parts:
-        values[good] = np.concatenate(parts).astype(np.float16)
-    mask = np.ones(n, dtype=bool)
-    mask[good] = False
-    flat = pa.array(values.ravel(), pa.float16())
-    return pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(mask))
-
-
-def write_table(table: pa.Table, path: str) -> None:
-    fs, p = fsspec.core.url_to_fs(path)
-    with fs.open(p + ".tmp", "wb") as f:
-        pq.write_table(table, f, compression="zstd")
-    fs.mv(p + ".tmp", p)
-
-
-def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
-    with fsspec.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns, use_threads=False)
-
-
-def column(table: pa.Table, name: str) -> np.ndarray:
-    """A fixed-size-list column as a float64 (n, d) array."""
-    col = table.column(name).combine_chunks()
-    size = col.type.list_size
-    values = col.values.slice(col.offset * size, len(col) * size)  # null rows keep their (zero) slots
-    return values.to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(col), size)
-
-
 # ---------------------------------------------------------------- globals, on the driver
 def global_state(embed_paths: list[str], teacher: dict, cfg, seed: int) -> dict:
     """DN means, the reference bank and the mixture, each from its own seeded sample of scored pairs."""
@@ -382,101 +245,6 @@ def neighbour_index(embed_paths: list[str], out: str, state: dict, cfg, seed: in
         nn.save_index(index, search[side])
         search[f"{side}_built"] = time.time_ns()  # workers keep an index read in an earlier run: this tells them apart
     return search
-
-
-def scored_embeddings(path: str, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """The normalised embeddings of a file's scored rows and their keys as integer ids."""
-    table = read_table(path, ["key", "status", name])
-    table = table.filter(pc.equal(table["status"], "scored"))
-    return normalise(column(table, name)), key_ids(table["key"].to_pylist())
-
-
-def key_ids(keys: list[str]) -> np.ndarray:
-    """img2dataset keys are zero-padded shard and sample numbers, so each is also an int64 id."""
-    try:
-        return np.asarray([int(k) for k in keys], dtype=np.int64)
-    except ValueError:
-        raise ValueError(f"sample keys must be numeric (img2dataset's), got e.g. {keys[:3]}") from None
-
-
-# ---------------------------------------------------------------- scores, on each worker
-def score_shard(embed_path: str, out: str, state: dict, search: dict, threads: int) -> dict:
-    started = time.time()
-    torch.set_num_threads(threads)
-    table = read_table(embed_path)
-    scored = np.asarray([s == "scored" for s in table["status"].to_pylist()], dtype=bool)
-    keys = table["key"].to_pylist()
-    good = table.filter(pa.array(scored))
-    good_keys = good["key"].to_pylist()
-    bank_keys = np.asarray(state["bank_keys"])
-    self_in_bank = np.asarray(good_keys)[:, None] == bank_keys[None, :] if good_keys else None
-    lam = state["lambda"]
-    logs, losses = [], []
-    for j, ck in enumerate(state["checkpoints"]):
-        v = dn_center(column(good, f"image_emb_{j}"), ck["mu_v"], lam)
-        t = dn_center(column(good, f"text_emb_{j}"), ck["mu_t"], lam)
-        log_i2t, log_t2i = pair_posterior(v, t, ck["bank_v"], ck["bank_t"], ck["scale"], self_in_bank)
-        logs.append((log_i2t, log_t2i))
-        losses.append(pair_loss(log_i2t, log_t2i))
-    loss = np.mean(losses, axis=0)
-    v0, t0 = normalise(column(good, "image_emb_0")), normalise(column(good, "text_emb_0"))
-    ck0 = state["checkpoints"][0]
-    fields = {
-        "cosine": cosine_score(v0, t0),
-        "dn_score": (dn_center(v0, ck0["mu_v"], lam) * dn_center(t0, ck0["mu_t"], lam)).sum(-1),
-        "p_i2t": np.exp(logs[0][0]), "p_t2i": np.exp(logs[0][1]),
-        "loss": loss,
-        "clean_prob": clean_probability(state["mixture"], loss),
-    }
-    columns = {"key": table["key"], "row": table["row"], "status": table["status"], "error": table["error"],
-               "teacher_image_emb": table["image_emb_0"], "teacher_text_emb": table["text_emb_0"]}
-    if "text_teacher_emb" in table.column_names:
-        columns["text_teacher_emb"] = table["text_teacher_emb"]
-    where = np.flatnonzero(scored)
-    for name, values in fields.items():
-        columns[name] = spread(values, where, len(keys), pa.float32())
-    if len(losses) > 1:
-        per = np.stack(losses, axis=1).astype(np.float32)
-        columns["loss_by_checkpoint"] = spread_lists(per, where, len(keys), pa.float32())
-    if search["method"] != "none":
-        width = len(keys[0]) if keys else 0
-        for side, name in (("image", "image_emb_0"), ("text", "text_emb_0")):
-            queries = normalise(column(good, name))
-            sims, ids = nn.index_topk(cached_index(search[side], search[f"{side}_built"]), queries.astype(np.float32), state["k"],
-                                      query_ids=key_ids(good_keys), nprobe=search["nprobe"])
-            columns[f"{side}_nn_keys"] = spread_lists(np.asarray([[f"{i:0{width}d}" if i >= 0 else None for i in row]
-                                                                  for row in ids], dtype=object), where, len(keys), pa.string())
-            columns[f"{side}_nn_sims"] = spread_lists(sims.astype(np.float32), where, len(keys), pa.float32())
-    write_table(pa.table(columns), out)
-    return {"shard": os.path.basename(out), "seconds": time.time() - started, "scored": int(scored.sum())}
-
-
-_INDEXES: dict = {}
-
-
-def cached_index(path: str, built: int):
-    """Each worker reads each index once, not once per task."""
-    key = (path, built)
-    if key not in _INDEXES:
-        _INDEXES.clear()
-        _INDEXES[key] = nn.load_index(path)
-    return _INDEXES[key]
-
-
-def spread(values: np.ndarray, where: np.ndarray, n: int, kind) -> pa.Array:
-    """Values of the scored rows into a column of all rows, null for failed ones."""
-    full = np.zeros(n, dtype=np.float64)
-    full[where] = values
-    mask = np.ones(n, dtype=bool)
-    mask[where] = False
-    return pa.array(full, type=kind, mask=mask, from_pandas=False)
-
-
-def spread_lists(values: np.ndarray, where: np.ndarray, n: int, kind) -> pa.Array:
-    rows: list = [None] * n
-    for i, row in zip(where, values):
-        rows[i] = list(row)
-    return pa.array(rows, type=pa.list_(kind))
 
 
 # ---------------------------------------------------------------- summary
