@@ -7,6 +7,7 @@ option is only another way to write `--set section.key=value`.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import typing
 
@@ -40,44 +41,15 @@ def run_world(config: Config) -> dict:
     return summary
 
 
-def run_shard(config: Config) -> dict:
-    from pipelines.shard import run_shard as shard
+def stage(name: str):
+    """`pipelines.<name>.run_<name>`, imported when the stage runs (so `--help` never imports torch)."""
+    def run(config: Config) -> dict:
+        return getattr(importlib.import_module(f"pipelines.{name}"), f"run_{name}")(config)
 
-    return shard(config)
-
-
-def run_train(config: Config) -> dict:
-    from pipelines.train import run_train as train
-
-    return train(config)
+    return run
 
 
-def run_score(config: Config) -> dict:
-    from pipelines.score import run_score as score
-
-    return score(config)
-
-
-def run_audit(config: Config) -> dict:
-    from pipelines.audit import run_audit as audit
-
-    return audit(config)
-
-
-def run_curate(config: Config) -> dict:
-    from pipelines.curate import run_curate as curate
-
-    return curate(config)
-
-
-def run_evaluate(config: Config) -> dict:
-    from pipelines.evaluate import run_evaluate as evaluate
-
-    return evaluate(config)
-
-
-STAGES = {"evaluate": run_evaluate, "world": run_world, "shard": run_shard, "train": run_train, "score": run_score, "audit": run_audit,
-          "curate": run_curate}
+STAGES = {"world": run_world, **{name: stage(name) for name in ("shard", "train", "score", "audit", "curate", "evaluate")}}
 
 
 def model_options(parser: argparse.ArgumentParser, model: type[BaseModel], section: str, prefix: str = "") -> None:
