@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results" / "efficacy"
 SMOKE = {"world": ["world.n_train=300", "world.n_val=60", "world.n_test=60", "shard.samples_per_shard=150",
                    "train.epochs=2", "train.batch_size=32", "curate.samples_per_shard=150"],
-         "rows": ["clip_raw", "clip_curated_clean_prob", "softclip_teacher"],
+         "rows": ["clip_raw", "clip_curated_cosine_top", "softclip_teacher"],  # cosine_top always keeps 70%
          "budget": {"max_steps": 12, "batch_size": 32, "warmup_steps": 2, "workers": 1, "checkpoint_every": 100, "log_every": 1}}
 
 

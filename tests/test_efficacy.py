@@ -14,7 +14,7 @@ def test_efficacy_smoke_run_trains_every_row_and_writes_the_table(tmp_path):
                             capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted((tmp_path / "noise20").glob("*_s0.json"))
-    assert [r.name for r in runs] == ["clip_curated_clean_prob_s0.json", "clip_raw_s0.json", "softclip_teacher_s0.json"]
+    assert [r.name for r in runs] == ["clip_curated_cosine_top_s0.json", "clip_raw_s0.json", "softclip_teacher_s0.json"]
     for path in runs:
         run = json.loads(path.read_text())
         assert run["steps"] == 12 and run["loss_last"] < run["loss_first"], (path.name, run["loss_first"], run["loss_last"])
