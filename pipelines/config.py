@@ -138,6 +138,8 @@ class TrainConfig(Strict):
     resume: bool = option(True, "continue from the run folder's latest checkpoint")
     min_clean_prob: Optional[float] = option(None, "train only on pairs whose clean_prob reaches this", ge=0, le=1)
     keep_list: Optional[str] = option(None, "the curate stage's keep.parquet: train only on kept pairs, weighted by it")
+    text_targets: Literal["clip", "sentence"] = option(
+        "clip", "SoftCLIP's text-text targets: the CLIP teacher's text embeddings, or the score stage's sentence-transformers ones")
     seed: Optional[int] = option(None, "unset: the config's top-level seed")
 
 

@@ -194,3 +194,20 @@ def test_softclip_trains_on_the_scores_at_the_teachers_temperature(scored, tmp_p
     resolved = load_config(root / "runs" / "softclip" / "_config.yaml")
     assert resolved.train.loss_args["tau_s"] == pytest.approx(summary["teacher"]["tau_s"])
     assert result["steps"] == 6 and np.isfinite(result["last"]["loss"])
+
+
+def test_softclip_takes_its_text_targets_from_the_sentence_teacher(scored, tmp_path):
+    root, _ = scored
+    copy = tmp_path / "copy"
+    for part in ("shards", "runs", "world"):
+        shutil.copytree(root / part, copy / part)
+    sentence = ["train.name=sentence", "train.loss=softclip", "train.text_targets=sentence", "train.max_steps=4",
+                "train.epochs=1", "train.epoch_checkpoints=false", "train.log_every=1"]
+    run_score(config_for(copy, "score.text_teacher=all-MiniLM-L6-v2", "score.neighbours=0"))
+    result = run_train(config_for(copy, *sentence))
+    assert result["steps"] == 4 and np.isfinite(result["last"]["loss"])
+    # without sentence embeddings in the scores the run stops before its first step, saying why
+    shutil.rmtree(copy / "scores")
+    run_score(config_for(copy, "score.neighbours=0"))
+    with pytest.raises(Exception, match="has no text_teacher_emb: score with --text-teacher"):
+        run_train(config_for(copy, *sentence, "train.name=sentence2"))

@@ -86,6 +86,11 @@ def load_scores(path: str) -> dict[str, dict] | None:
     return {row["key"]: row for row in table.to_pylist()}
 
 
+def scores_columns(shard_url: str) -> list[str]:
+    with fsspec.open(scores_path(shard_url), "rb") as f:
+        return pq.ParquetFile(f).schema_arrow.names
+
+
 def check_scores(urls: list[str]) -> None:
     """Before training on scores: every shard has a scores file that covers every one of its samples."""
     for url in urls:

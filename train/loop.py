@@ -20,7 +20,15 @@ import torch
 from open_clip_train.scheduler import cosine_lr
 from tqdm import tqdm
 
-from train.data import check_scores, count_samples, keep_list_summary, make_pipeline, nonempty_shards
+from train.data import (
+    check_scores,
+    count_samples,
+    keep_list_summary,
+    make_pipeline,
+    nonempty_shards,
+    scores_columns,
+    scores_path,
+)
 from train.distributed import init_distributed
 from train.evaluate import retrieval_recall
 from train.losses import UnpairedLoss, build_loss, teacher_pairs
@@ -52,6 +60,8 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
         loss_fn = build_loss(cfg.loss, rank=env.rank, world_size=env.world_size, **cfg.loss_args)
         if needs_scores(loss_fn, cfg):
             check_scores(urls)
+            if cfg.text_targets == "sentence" and "text_teacher_emb" not in scores_columns(urls[0]):
+                raise ValueError(f"{scores_path(urls[0])} has no text_teacher_emb: score with --text-teacher first")
         if cfg.keep_list:
             kept, pairs, weighted = keep_list_summary(cfg.keep_list)
             if kept == 0:
@@ -108,6 +118,8 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
                     break
                 lr = schedule(step)
                 skipped += batch["skipped"]
+                if cfg.text_targets == "sentence":  # S_T from the sentence-transformers teacher (METHODS.md section 1)
+                    batch["teacher_text_emb"] = batch["text_teacher_emb"]
                 terms = train_step(ddp, model, loss_fn, optimizer, batch, env, autocast, cfg.grad_clip, scale_cap,
                                    unpaired, teacher, step, total_steps)
                 step += 1
