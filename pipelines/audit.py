@@ -9,7 +9,6 @@ Shards whose scores are missing are reported on the page and left out; nothing e
 from __future__ import annotations
 
 import io
-import os
 
 import fsspec
 import numpy as np
@@ -23,6 +22,7 @@ from pipelines.config import Config, join
 from pipelines.curate import load_scores
 from pipelines.manifest import atomic_write, read_json, record_stage, write_json
 from pipelines.score_tasks import read_shard
+from pipelines.world import read_truth
 
 THUMBNAIL = 112
 
@@ -32,7 +32,7 @@ def run_audit(config: Config) -> dict:
     scores, names, missing = load_scores(config)
     table = with_shard_rows(config, scores, names)
     summary = read_json(join(config.score_dir(), "_summary.json"), {})
-    truth = truth_table(config)
+    truth = read_truth(config)
     if truth is not None:
         table = table.join(truth, on="row", how="left")
     scored = table.filter(pl.col("status") == "scored")
@@ -77,16 +77,6 @@ def with_shard_rows(config: Config, scores: pl.DataFrame, names: list[str]) -> p
     shard_rows = pl.concat(rows)
     return scores.join(shard_rows, on="key", how="left").with_columns(
         source=pl.col("url").str.extract(r"^[a-zA-Z][a-zA-Z0-9+.-]*://([^/:?#]+)", 1).fill_null("unknown"))
-
-
-def truth_table(config: Config) -> pl.DataFrame | None:
-    """The demo world's ground truth (which rows are noisy), when there is one."""
-    if config.world is None:
-        return None
-    path = join(config.world_dir(), "truth.parquet")
-    if not os.path.exists(path):
-        return None
-    return pl.read_parquet(path, columns=["row", "noisy", "noise_type"])
 
 
 def noise_facts(scored: pl.DataFrame, summary: dict, resamples: int, seed: int) -> dict:

@@ -265,6 +265,19 @@ def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
+def expand_globs(patterns: list[str], key: str) -> list[str]:
+    """Paths and globs (sorted, each path once); a glob that matches nothing is an error naming `key`."""
+    import glob
+
+    found: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        if not matches:
+            raise ConfigError(f"{key}: nothing matches {pattern}")
+        found += [m for m in matches if m not in found]
+    return found
+
+
 # ---------------------------------------------------------------- loading
 def load_config(path: str | Path | None, overrides: list[str] = (), values: dict | None = None) -> Config:
     """Read YAML (or start from defaults when path is None), apply `a.b=value` overrides, validate.

@@ -20,7 +20,7 @@ import webdataset as wds
 
 from curate.policies import apply_policy
 from pipelines.config import Config, ConfigError, join
-from pipelines.manifest import read_json, record_stage, write_json
+from pipelines.manifest import read_json, record_stage, write_json, write_parquet
 from pipelines.score_tasks import read_shard
 
 SCORE_FIELDS = ["key", "row", "status", "error", "cosine", "dn_score", "loss", "clean_prob",
@@ -59,9 +59,7 @@ def run_curate(config: Config, export: bool | None = None) -> dict:
     decisions = apply_policy(scores, steps).with_columns(shard=scores["shard"])
     fs, out_path = fsspec.core.url_to_fs(out)
     fs.makedirs(out_path, exist_ok=True)
-    with fs.open(out_path + "/keep.parquet.tmp", "wb") as f:
-        decisions.drop("shard").write_parquet(f)
-    fs.mv(out_path + "/keep.parquet.tmp", out_path + "/keep.parquet")
+    write_parquet(decisions.drop("shard"), join(out, "keep.parquet"))
     kept = int(decisions["keep"].sum())
     summary = {"policy": steps, "pairs": len(decisions), "kept": kept, "dropped": len(decisions) - kept,
                "kept_fraction": kept / len(decisions) if len(decisions) else 0.0,

@@ -9,13 +9,12 @@ mean and the spread over seeds.
 
 from __future__ import annotations
 
-import glob
 import os
 from pathlib import Path
 
 import torch
 
-from pipelines.config import Config, ConfigError, join
+from pipelines.config import Config, ConfigError, expand_globs, join
 from pipelines.manifest import record_stage, write_json
 from train.evaluate import (
     TEMPLATES,
@@ -55,14 +54,11 @@ def result_name(checkpoint: str) -> str:
 
 
 def resolve_checkpoints(config: Config) -> list[str]:
-    patterns = config.evaluate.checkpoints or [join(config.run_dir(), "checkpoints", "best.pt")]
-    found = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-        missing = [m for m in matches if not os.path.exists(m)]
-        if not matches or missing:
-            raise ConfigError(f"evaluate: no checkpoint at {pattern}")
-        found += matches
+    found = expand_globs(config.evaluate.checkpoints or [join(config.run_dir(), "checkpoints", "best.pt")],
+                         "evaluate.checkpoints")
+    for path in found:
+        if not os.path.exists(path):
+            raise ConfigError(f"evaluate: no checkpoint at {path}")
     return found
 
 

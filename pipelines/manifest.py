@@ -27,6 +27,14 @@ def atomic_write(path: str, data: str | bytes) -> None:
     fs.mv(tmp, p)
 
 
+def write_parquet(df, path: str) -> None:
+    """A polars DataFrame to Parquet, under a temporary name first."""
+    fs, p = fsspec.core.url_to_fs(path)
+    with fs.open(p + ".tmp", "wb") as f:
+        df.write_parquet(f)
+    fs.mv(p + ".tmp", p)
+
+
 def read_json(path: str, default=None):
     fs, p = fsspec.core.url_to_fs(path)
     if not fs.exists(p):

@@ -11,16 +11,15 @@ choice is a seeded hash of the key, so a re-run, a resumed run and an uninterrup
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
 import time
 
 import fsspec
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from dask.distributed import as_completed
 from tqdm import tqdm
 
@@ -35,10 +34,11 @@ from curate.scores import (
     pair_posterior,
     temperature_noise_indicator,
 )
-from pipelines.config import Config, ConfigError, join, save_config
+from pipelines.config import Config, ConfigError, expand_globs, join, save_config
 from pipelines.distributor import dask_client
 from pipelines.manifest import read_json, record_stage, write_json
 from pipelines.score_tasks import column, embed_shard, load_teachers, read_table, score_shard, scored_embeddings
+from pipelines.world import read_truth
 
 SAMPLE_SEEDS = {"dn": 1, "bank": 2, "mixture": 3}  # offsets of the config seed: three independent samples
 
@@ -100,13 +100,7 @@ def teacher_spec(config: Config) -> dict:
     from train.models import pick_device
 
     cfg = config.score
-    patterns = cfg.checkpoints or [join(config.run_dir(), "checkpoints", "best.pt")]
-    checkpoints = []
-    for pattern in patterns:
-        found = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-        if not found:
-            raise ConfigError(f"score.checkpoints: nothing matches {pattern}")
-        checkpoints += [c for c in found if c not in checkpoints]
+    checkpoints = expand_globs(cfg.checkpoints or [join(config.run_dir(), "checkpoints", "best.pt")], "score.checkpoints")
     for path in checkpoints:
         if looks_like_path(path) and not os.path.exists(path):
             hint = " (train the teacher first: the train stage writes it)" if not cfg.checkpoints else ""
@@ -279,29 +273,26 @@ def summarize(config: Config, score_paths: list[str], state: dict, search: dict,
                     "tasks": {k: round(v, 2) for k, v in task_seconds.items()}},
         "pairs_per_second": round(pairs_per_s, 1) if pairs_per_s else None,
         "shards": [os.path.basename(p) for p in score_paths],
-        "detection": detection(config, table, ok, teacher),
+        "detection": detection(config, table, teacher),
     }
     return summary
 
 
-def detection(config: Config, table: pa.Table, ok: np.ndarray, teacher: dict) -> dict | None:
+def detection(config: Config, table: pa.Table, teacher: dict) -> dict | None:
     """Where the demo world's truth table exists: AUROC of each score for finding the injected noise."""
-    truth_path = join(config.world_dir(), "truth.parquet") if config.world is not None else None
-    if not truth_path or not os.path.exists(truth_path):
+    truth = read_truth(config)
+    if truth is None:
         return None
-    truth = pq.read_table(truth_path, columns=["row", "noisy"]).to_pydict()
-    noisy_by_row = dict(zip(truth["row"], truth["noisy"]))
-    rows = table["row"].to_pylist()
-    keep = np.asarray([ok[i] and rows[i] in noisy_by_row for i in range(len(rows))])
-    noisy = np.asarray([noisy_by_row[r] for r, k in zip(rows, keep) if k])
+    known = pl.from_arrow(table).filter(pl.col("status") == "scored").join(truth.select("row", "noisy"), on="row")
+    noisy = known["noisy"].to_numpy()
     if noisy.all() or not noisy.any():
         return None
-    values = {name: table[name].to_numpy(zero_copy_only=False)[keep] for name in ("cosine", "dn_score", "loss", "clean_prob")}
-    result = {"pairs": int(keep.sum()), "noisy": int(noisy.sum()),
+    values = {name: known[name].to_numpy() for name in ("cosine", "dn_score", "loss", "clean_prob")}
+    result = {"pairs": len(known), "noisy": int(noisy.sum()),
               "auroc": {"clean_prob": auroc(noisy, -values["clean_prob"]), "loss": auroc(noisy, values["loss"]),
                         "cosine": auroc(noisy, -values["cosine"]), "dn_score": auroc(noisy, -values["dn_score"])}}
-    if "loss_by_checkpoint" in table.column_names:
-        per = np.asarray([r for r, k in zip(table["loss_by_checkpoint"].to_pylist(), keep) if k])
+    if "loss_by_checkpoint" in known.columns:
+        per = np.asarray(known["loss_by_checkpoint"].to_list())
         result["auroc_by_checkpoint"] = [{"checkpoint": c, "loss": auroc(noisy, per[:, j])}
                                          for j, c in enumerate(teacher["checkpoints"])]
     return result

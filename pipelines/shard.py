@@ -24,7 +24,7 @@ from img2dataset.writer import WebDatasetSampleWriter
 
 from pipelines.config import Config, ConfigError, join, save_config
 from pipelines.distributor import dask_client, dask_distributor
-from pipelines.manifest import read_json, record_stage, write_json
+from pipelines.manifest import read_json, record_stage, write_json, write_parquet
 from pipelines.urllist import InputError, read_url_list, rows_digest, validate_rows
 
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count: shards are named 00000.tar ...
@@ -98,13 +98,6 @@ def prepare_output(fs, out_path: str, out: str, state: dict, overwrite: bool) ->
                          "set shard.overwrite=true to discard them, or choose another shard.output")
     fs.makedirs(out_path, exist_ok=True)
     write_json(join(out, "_input.json"), state)
-
-
-def write_parquet(df: pl.DataFrame, path: str) -> None:
-    with fsspec.open(path + ".tmp", "wb") as f:
-        df.write_parquet(f)
-    fs, p = fsspec.core.url_to_fs(path)
-    fs.mv(p + ".tmp", p)
 
 
 def shard_name(shard_id: int) -> str:

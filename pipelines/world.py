@@ -20,6 +20,7 @@ import re
 import shutil
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
@@ -440,6 +441,14 @@ def read_meta(world_dir: str, missing_ok: bool = False) -> dict | None:
 # ---------------------------------------------------------------- the url list
 FAILING_KINDS = {"http_404": "404", "http_500": "500", "timeout": "timeout", "truncated": "truncated",
                  "html": "html"}
+
+
+def read_truth(config) -> pl.DataFrame | None:
+    """The world's ground truth (row, noisy, noise_type) when the config has a built world, else None."""
+    path = os.path.join(config.world_dir(), "truth.parquet") if config.world is not None else None
+    if not path or not os.path.exists(path):
+        return None
+    return pl.read_parquet(path, columns=["row", "noisy", "noise_type"])
 
 
 def failing_rows(world_dir: str) -> int:
