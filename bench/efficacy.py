@@ -8,7 +8,7 @@ every row of configs/efficacy/rows.yaml for every seed, with the same budget; a 
 (its validation curve, the test metrics of its best-validation checkpoint, dot and DN) is written
 to docs/results/efficacy/<world>/<row>_s<seed>.json and skipped when it exists, so the full run
 can be spread over several sessions. The table (mean +- std over seeds) goes to
-docs/results/efficacy/<world>/table.md and is printed.
+docs/results/efficacy/<world>/<rows file>.md (rows.md, sweep.md) and is printed.
 """
 
 from __future__ import annotations
@@ -143,23 +143,25 @@ def main() -> None:
         results_dir = Path(args.results) if args.results else Path(tmp) / "results"
     rows = {k: v for k, v in rows.items() if not args.only or k in args.only}
     seeds = args.seeds or seeds
-    for config_path in args.configs:
-        world = Path(config_path).stem
-        config = prepare_world(config_path, overrides)
-        out = results_dir / world
-        out.mkdir(parents=True, exist_ok=True)
-        results = []
-        for name, row in rows.items():
-            for seed in seeds:
-                path = out / f"{name}_s{seed}.json"
+    worlds = {Path(path).stem: prepare_world(path, overrides) for path in args.configs}
+    # seed-major, so that a run stopped part-way has every row and world at the first seeds
+    for seed in seeds:
+        for world, config in worlds.items():
+            for name, row in rows.items():
+                path = results_dir / world / f"{name}_s{seed}.json"
                 if not path.exists():
-                    path.write_text(json.dumps(run_row(config, name, row, seed, budget), indent=1, sort_keys=True) + "\n")
-                results.append(json.loads(path.read_text()))
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    result = run_row(config, name, row, seed, budget)
+                    path.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    for world, config in worlds.items():
+        out = results_dir / world
+        results = [json.loads((out / f"{name}_s{seed}.json").read_text())
+                   for name in rows for seed in seeds if (out / f"{name}_s{seed}.json").exists()]
         summary = read_json(join(config.score_dir(), "_summary.json"), {})
         detection = summary.get("detection") and {**summary["detection"],
                                                   "temperature_indicator": summary["noise"]["temperature_indicator"]}
         text = table(world, results, detection)
-        (out / "table.md").write_text(text)
+        (out / f"{Path(args.rows).stem}.md").write_text(text)
         print("\n" + text)
     if tmp:
         print(f"smoke run: {tmp}")

@@ -5,7 +5,8 @@ import yaml
 
 from pipelines.config import ConfigError, dump_config, load_config, save_config, validate
 
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml") if p.name != "rows.yaml")
+ROW_FILES = ("rows.yaml", "sweep.yaml")  # the efficacy rows: train settings, not whole configs
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml") if p.name not in ROW_FILES)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -14,11 +15,10 @@ def test_shipped_configs_validate(path):
     assert config.stages
 
 
-def test_efficacy_rows_are_valid_train_settings():
-    """configs/efficacy/rows.yaml is not a whole config: each row's settings must still validate."""
-    import yaml
-
-    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "efficacy" / "rows.yaml").read_text())
+@pytest.mark.parametrize("name", ROW_FILES)
+def test_efficacy_rows_are_valid_train_settings(name):
+    """configs/efficacy/rows.yaml and sweep.yaml are not whole configs: each row's settings must still validate."""
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "efficacy" / name).read_text())
     for name, row in spec["rows"].items():
         train = {k: v for k, v in {**spec["budget"], **row}.items() if k not in ("curate", "pairs", "pools")}
         config = load_config(None, [], {"train": train, "curate.policy": row.get("curate", [{"kind": "clean_prob", "min": 0.5}])})

@@ -19,5 +19,5 @@ def test_efficacy_smoke_run_trains_every_row_and_writes_the_table(tmp_path):
         run = json.loads(path.read_text())
         assert run["steps"] == 12 and run["loss_last"] < run["loss_first"], (path.name, run["loss_first"], run["loss_last"])
         assert run["val_curve"] and {"dot", "dn", "dn_std"} <= set(run["test"]["retrieval"])
-    table = (tmp_path / "noise20" / "table.md").read_text()
+    table = (tmp_path / "noise20" / "rows.md").read_text()
     assert "| clip_raw | 1 |" in table and "R@1 dn" in table and "noise detection" in table
