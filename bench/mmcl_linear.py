@@ -1,11 +1,17 @@
 """The linear experiment of Nakada et al. (AISTATS 2023, section 5.1): does unpaired data help MMCL?
 
 Data: U1 (d1 x r), U2 (d2 x r) Haar-random orthonormal; z ~ N(0, I_r); x = U1 z + 0.3 e, y = U2 z + 0.3 e'.
-n = 300 clean pairs, an unpaired pool of N images and N texts drawn from independent latents (no pair
-exists in it), 10,000 test pairs. Linear encoders without bias (G1: r x d1, G2: r x d2), cosine
+n = 300 clean pairs, an unpaired pool of N images and N texts, 10,000 test pairs. Two kinds of pool:
+  hidden       (the authors' notebook, nswa17/MMCL `aistats_first_experiment.ipynb`): the pool is drawn
+               as pairs whose correspondence is hidden, and each minibatch holds m images and THEIR m
+               texts (the notebook slices both arrays with the same indices); we shuffle the texts
+               within the batch so no position carries the pairing;
+  independent  images and texts from independent latents: no image has a partner anywhere in the pool,
+               as for a pool of images whose captions were rejected and captions of other images. Linear encoders without bias (G1: r x d1, G2: r x d2), cosine
 similarity, tau = 1 fixed, AdamW lr 2e-3, batch 50: `paired_epochs` of ClipLoss on the pairs, then
 `unpaired_epochs` of UnpairedLoss (top-K pseudo-pairing, K = m) on the pool, starting from a copy of
-the paired-stage model (trained once per seed, shared by every N) with a fresh optimiser.
+the paired-stage model and its AdamW state (trained once per seed, shared by every N), as the notebook
+continues its optimiser.
 
 Metrics: top-1 cross-modal retrieval on the test pairs (mean of image->text and text->image) and the
 sin-theta distance ||sin Theta(row space of G, U)||_F = sqrt(max(0, r - ||U^T Q||_F^2)), mean of both
@@ -19,7 +25,7 @@ the pool pseudo-paired once by the paired-stage model (shuffled batches of 50, t
 similarities of each, as UnpairedLoss picks them).
 
     .venv/bin/python bench/mmcl_linear.py [--seeds 5] [--sizes 500 1000 ... 5000] [--test 10000]
-        [--paired-epochs 100] [--unpaired-epochs 100] [--json PATH] [--threads 1]
+        [--paired-epochs 100] [--unpaired-epochs 100] [--pool hidden|independent] [--json PATH] [--threads 1]
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ def haar(d: int, r: int, g: torch.Generator) -> torch.Tensor:
 
 
 def make_data(seed: int, n_pairs: int = N_PAIRS, n_pool: int = 5000, n_test: int = 10_000, d1: int = D1, d2: int = D2,
-              r: int = R, noise: float = NOISE) -> dict[str, torch.Tensor]:
+              r: int = R, noise: float = NOISE, pool: str = "independent") -> dict[str, torch.Tensor]:
     """The subspaces, the clean pairs, the test pairs and the unpaired pool (the first N of it is the pool of size N)."""
     g = torch.Generator().manual_seed(seed)
     u1, u2 = haar(d1, r, g), haar(d2, r, g)
@@ -71,8 +77,10 @@ def make_data(seed: int, n_pairs: int = N_PAIRS, n_pool: int = 5000, n_test: int
 
     z, z_test = torch.randn(n_pairs, r, generator=g), torch.randn(n_test, r, generator=g)
     x, y, test_x, test_y = images(z), texts(z), images(z_test), texts(z_test)
-    # independent latents for the pool's images and texts: no image has a partner among the texts
-    pool_x, pool_y = images(torch.randn(n_pool, r, generator=g)), texts(torch.randn(n_pool, r, generator=g))
+    z_pool = torch.randn(n_pool, r, generator=g)
+    # hidden: pool_x[i] and pool_y[i] share a latent (the pairing is never given to the loss);
+    # independent: fresh latents for the texts, so no image has a partner among them
+    pool_x, pool_y = images(z_pool), texts(z_pool if pool == "hidden" else torch.randn(n_pool, r, generator=g))
     return {"u1": u1, "u2": u2, "x": x, "y": y, "test_x": test_x, "test_y": test_y, "pool_x": pool_x, "pool_y": pool_y}
 
 
@@ -86,7 +94,7 @@ def embed(encoders: nn.ModuleList, x: torch.Tensor, y: torch.Tensor) -> tuple[to
 
 
 def train_paired(encoders: nn.ModuleList, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int,
-                 batch: int = BATCH, lr: float = LR) -> nn.ModuleList:
+                 batch: int = BATCH, lr: float = LR) -> tuple[nn.ModuleList, torch.optim.Optimizer]:
     """CLIP loss at logit scale 1 (tau = 1, fixed) on shuffled minibatches; trains `encoders` in place."""
     loss_fn, scale = ClipLoss(), torch.tensor(1.0)
     opt = torch.optim.AdamW(encoders.parameters(), lr=lr)
@@ -97,21 +105,26 @@ def train_paired(encoders: nn.ModuleList, x: torch.Tensor, y: torch.Tensor, epoc
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return encoders
+    return encoders, opt
 
 
-def train_unpaired(encoders: nn.ModuleList, pool_x: torch.Tensor, pool_y: torch.Tensor, epochs: int, seed: int,
-                   batch: int = BATCH, lr: float = LR) -> nn.ModuleList:
+def pool_batches(n: int, pool: str, g: torch.Generator, batch: int = BATCH) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(image indices, text indices) of one epoch's minibatches. hidden: a batch's texts are its images'
+    partners in a shuffled order; independent: images and texts shuffled apart."""
+    images = torch.randperm(n, generator=g).split(batch)
+    if pool == "hidden":
+        return [(i, i[torch.randperm(len(i), generator=g)]) for i in images]
+    return list(zip(images, torch.randperm(n, generator=g).split(batch)))
+
+
+def train_unpaired(encoders: nn.ModuleList, opt: torch.optim.Optimizer, pool_x: torch.Tensor, pool_y: torch.Tensor,
+                   epochs: int, seed: int, pool: str) -> nn.ModuleList:
     """UnpairedLoss (pairs=None: the K = m largest similarities are the positives) on m images and m texts
-    a step; trains `encoders` in place with a fresh AdamW."""
+    a step; trains `encoders` in place, `opt` (the paired stage's AdamW, over these encoders) continued."""
     loss_fn, scale = UnpairedLoss(), torch.tensor(1.0)
-    opt = torch.optim.AdamW(encoders.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
-        # images and texts are shuffled independently: a batch's images and texts have nothing to do with each other
-        image_batches = torch.randperm(len(pool_x), generator=g).split(batch)
-        text_batches = torch.randperm(len(pool_y), generator=g).split(batch)
-        for i, j in zip(image_batches, text_batches):
+        for i, j in pool_batches(len(pool_x), pool, g):
             loss = loss_fn(*embed(encoders, pool_x[i], pool_y[j]), scale)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -157,12 +170,11 @@ def closed_form(x: torch.Tensor, y: torch.Tensor, r: int = R) -> tuple[torch.Ten
 
 @torch.no_grad()
 def pseudo_pairs(encoders: nn.ModuleList, pool_x: torch.Tensor, pool_y: torch.Tensor, seed: int,
-                 batch: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+                 pool: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The pool paired once by the model: shuffled batches of m, each giving its K = m largest similarities."""
     g = torch.Generator().manual_seed(seed)
     xs, ys = [], []
-    for i, j in zip(torch.randperm(len(pool_x), generator=g).split(batch),
-                    torch.randperm(len(pool_y), generator=g).split(batch)):
+    for i, j in pool_batches(len(pool_x), pool, g):
         v, t = embed(encoders, pool_x[i], pool_y[j])
         rows, cols = UnpairedLoss.positives(v @ t.T).nonzero(as_tuple=True)
         xs.append(pool_x[i][rows])
@@ -170,16 +182,25 @@ def pseudo_pairs(encoders: nn.ModuleList, pool_x: torch.Tensor, pool_y: torch.Te
     return torch.cat(xs), torch.cat(ys)
 
 
-def run_seed(seed: int, sizes: list[int], n_test: int, paired_epochs: int, unpaired_epochs: int) -> dict:
+def continued(encoders: nn.ModuleList, opt: torch.optim.Optimizer) -> tuple[nn.ModuleList, torch.optim.Optimizer]:
+    """A copy of the model with a copy of its optimiser state, bound to the copy's parameters."""
+    model = copy.deepcopy(encoders)
+    new = torch.optim.AdamW(model.parameters(), lr=opt.param_groups[0]["lr"])
+    new.load_state_dict(copy.deepcopy(opt.state_dict()))
+    return model, new
+
+
+def run_seed(seed: int, sizes: list[int], n_test: int, paired_epochs: int, unpaired_epochs: int,
+             pool: str = "hidden") -> dict:
     """Every number of one seed: paired stage, closed forms, and for each N the unpaired stage."""
-    data = make_data(seed, n_pool=max(sizes), n_test=n_test)
-    paired = train_paired(init_encoders(seed), data["x"], data["y"], paired_epochs, seed)
+    data = make_data(seed, n_pool=max(sizes), n_test=n_test, pool=pool)
+    paired, opt = train_paired(init_encoders(seed), data["x"], data["y"], paired_epochs, seed)
     out = {"paired": evaluate(*weights(paired), data), "closed_form": evaluate(*closed_form(data["x"], data["y"]), data),
            "by_size": {}}
     for n in sizes:
         pool_x, pool_y = data["pool_x"][:n], data["pool_y"][:n]
-        model = train_unpaired(copy.deepcopy(paired), pool_x, pool_y, unpaired_epochs, seed * 100_003 + n)
-        px, py = pseudo_pairs(paired, pool_x, pool_y, seed * 100_003 + n)
+        model = train_unpaired(*continued(paired, opt), pool_x, pool_y, unpaired_epochs, seed * 100_003 + n, pool)
+        px, py = pseudo_pairs(paired, pool_x, pool_y, seed * 100_003 + n, pool)
         out["by_size"][n] = {"unpaired": evaluate(*weights(model), data),
                              "closed_form_pseudo": evaluate(*closed_form(torch.cat([data["x"], px]),
                                                                          torch.cat([data["y"], py])), data)}
@@ -219,6 +240,9 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=10_000, help="test pairs")
     parser.add_argument("--paired-epochs", type=int, default=100)
     parser.add_argument("--unpaired-epochs", type=int, default=100)
+    parser.add_argument("--pool", choices=["hidden", "independent"], default="hidden",
+                        help="hidden: the notebook's pool (each batch holds its images' partners, unlabelled); "
+                             "independent: no partner anywhere in the pool")
     parser.add_argument("--json", default=None, help="write every number here")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; the matrices are tiny, so a second thread only adds sync (5x slower under load)")
@@ -228,13 +252,13 @@ def main() -> None:
     results = {}
     for seed in range(args.seeds):
         t0 = time.perf_counter()
-        results[seed] = run_seed(seed, args.sizes, args.test, args.paired_epochs, args.unpaired_epochs)
+        results[seed] = run_seed(seed, args.sizes, args.test, args.paired_epochs, args.unpaired_epochs, args.pool)
         print(f"seed {seed}: paired top1 {results[seed]['paired']['top1']:.3f}, "
               f"N={args.sizes[-1]} top1 {results[seed]['by_size'][args.sizes[-1]]['unpaired']['top1']:.3f} "
               f"({time.perf_counter() - t0:.1f} s)", flush=True)
     summarise(results, args.sizes)
     total = time.perf_counter() - started
-    print(f"\ntotal time {total:.1f} s ({args.seeds} seeds, {len(args.sizes)} sizes, {args.paired_epochs} + "
+    print(f"\ntotal time {total:.1f} s (pool {args.pool}, {args.seeds} seeds, {len(args.sizes)} sizes, {args.paired_epochs} + "
           f"{args.unpaired_epochs} epochs, {args.test} test pairs)")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "seconds": total, "results": results}, indent=1))

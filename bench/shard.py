@@ -64,7 +64,7 @@ def softcurate_cmd(urls: Path, out: Path) -> list[str]:
     s = SETTINGS
     return [str(BIN / "softcurate"), "shard", "--input", str(urls), "--format", "cc12m", "--root", str(out),
             "--processes", str(s["processes"]), "--threads", str(s["threads"]), "--image-size", str(s["image_size"]),
-            "--samples-per-shard", str(s["samples_per_shard"])]
+            "--samples-per-shard", str(s["samples_per_shard"]), "--allow-private-urls"]  # the world is on loopback
 
 
 def img2dataset_cmd(urls: Path, out: Path) -> list[str]:

@@ -33,7 +33,8 @@ WARMUP = 10
 def make_shards(tmp: Path) -> str:
     config = load_config(None, [f"root={tmp}", f"world.dir={tmp}/world", "world.n_train=4000", "world.n_val=2",
                                 "world.n_test=2", 'world.failing_urls={"http_404": 0, "http_500": 0, "timeout": 0, '
-                                '"truncated": 0, "html": 0}', "shard.samples_per_shard=1000", "shard.image_size=64"])
+                                '"truncated": 0, "html": 0}', "shard.samples_per_shard=1000", "shard.image_size=64",
+                                "shard.allow_private_urls=true"])
     run_shard(config)
     return f"{tmp}/shards/{{00000..00003}}.tar"
 

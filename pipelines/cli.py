@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from pipelines.config import (
     AuditConfig,
+    CompareConfig,
     Config,
     ConfigError,
     CurateConfig,
@@ -49,7 +50,7 @@ def stage(name: str):
     return run
 
 
-STAGES = {"world": run_world, **{name: stage(name) for name in ("shard", "train", "score", "audit", "curate", "evaluate")}}
+STAGES = {"world": run_world, **{name: stage(name) for name in ("shard", "train", "score", "audit", "curate", "evaluate", "compare")}}
 
 
 def model_options(parser: argparse.ArgumentParser, model: type[BaseModel], section: str, prefix: str = "") -> None:
@@ -113,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = command("evaluate", "zero-shot and retrieval of checkpoints, with the dot product and with DN",
                        config_required=False)
     model_options(evaluate, EvaluateConfig, "evaluate")
+    compare = command("compare", "train the compare rows (students) with one budget and evaluate them side by side",
+                      config_required=False)
+    model_options(compare, CompareConfig, "compare")
     return parser
 
 

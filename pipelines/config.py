@@ -91,6 +91,10 @@ class ShardConfig(Strict):
     min_image_size: int = option(0, "reject images whose smaller side is below this", ge=0)
     max_image_area: Optional[float] = option(None, "reject images with more pixels than this (unset: no limit)", gt=0)
     max_aspect_ratio: Optional[float] = option(None, "reject images more elongated than this (unset: no limit)", gt=0)
+    max_decode_pixels: int = option(
+        89_478_485, "refuse images whose header declares more pixels than this, before decoding (memory bound)", ge=1)
+    allow_private_urls: bool = option(
+        False, "download urls whose host is loopback, private, link-local or localhost (the demo world on 127.0.0.1)")
     overwrite: bool = option(False, "discard existing shards instead of resuming")
 
 
@@ -224,7 +228,28 @@ class EvaluateConfig(Strict):
     device: str = option("auto", "auto: cuda when available, else cpu")
 
 
-Stage = Literal["world", "shard", "train", "score", "audit", "curate", "evaluate"]
+class CompareConfig(Strict):
+    rows: dict[str, dict[str, Any]] = option(
+        {}, "row name -> train settings of one student (loss, loss_args, oblique_k, ...), plus its data: "
+            "curate: [policy steps] (a keep-list), pairs: curated (the export), pools: true (MMCL's unpaired pools)")
+    budget: dict[str, Any] = option({}, "train settings every row shares (max_steps, batch_size, lr, ...)")
+    seeds: list[int] = option([0], "each row is trained once per seed")
+    output: Optional[str] = option(None, "where each row's results and the table go; default <root>/compare")
+
+    @model_validator(mode="after")
+    def rows_are_train_settings(self):
+        for name, row in self.rows.items():
+            train = {k: v for k, v in {**self.budget, **row}.items() if k not in ("curate", "pairs", "pools")}
+            try:
+                TrainConfig.model_validate(train)
+            except ValidationError as err:
+                raise ValueError(f"row {name}: " + "; ".join(describe(e) for e in err.errors())) from None
+            if row.get("pairs") not in (None, "curated"):
+                raise ValueError(f"row {name}: pairs must be 'curated' (the curate stage's export) or unset")
+        return self
+
+
+Stage = Literal["world", "shard", "train", "score", "audit", "curate", "evaluate", "compare"]
 
 
 class Config(Strict):
@@ -238,9 +263,14 @@ class Config(Strict):
     audit: AuditConfig = AuditConfig()
     curate: CurateConfig = CurateConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    compare: CompareConfig = CompareConfig()
 
     def world_dir(self) -> str:
-        return (self.world.dir if self.world and self.world.dir else None) or join(self.root, "world")
+        found = (self.world.dir if self.world and self.world.dir else None) or join(self.root, "world")
+        if not is_local(found):  # the world is built with plain file writes and served from local files
+            raise ConfigError(f"world.dir: the demo world must be a local folder, not {found}; "
+                              "set world.dir when root is in an object store")
+        return found
 
     def shard_dir(self) -> str:
         return self.shard.output or join(self.root, "shards")
@@ -257,6 +287,9 @@ class Config(Strict):
     def eval_dir(self) -> str:
         return self.evaluate.output or join(self.root, "eval")
 
+    def compare_dir(self) -> str:
+        return self.compare.output or join(self.root, "compare")
+
     def run_dir(self) -> str:
         return self.train.output or join(self.root, "runs", self.train.name)
 
@@ -265,17 +298,31 @@ def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
+def is_local(path: str) -> bool:
+    """A plain path or file:// url, not an object store or other fsspec filesystem."""
+    protocol = fsspec.core.split_protocol(str(path))[0]
+    return protocol in (None, "file", "local")
+
+
 def expand_globs(patterns: list[str], key: str) -> list[str]:
     """Paths and globs (sorted, each path once); a glob that matches nothing is an error naming `key`."""
-    import glob
-
     found: list[str] = []
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        matches = sorted(glob_any(pattern)) if any(c in pattern for c in "*?[") else [pattern]
         if not matches:
             raise ConfigError(f"{key}: nothing matches {pattern}")
         found += [m for m in matches if m not in found]
     return found
+
+
+def glob_any(pattern: str) -> list[str]:
+    """glob.glob on local paths (paths come back as given); fsspec's glob elsewhere, urls keep their protocol."""
+    import glob
+
+    if is_local(pattern):
+        return glob.glob(pattern)
+    fs, path = fsspec.core.url_to_fs(pattern)
+    return [fs.unstrip_protocol(p) for p in fs.glob(path)]
 
 
 # ---------------------------------------------------------------- loading

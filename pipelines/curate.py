@@ -59,6 +59,8 @@ def run_curate(config: Config, export: bool | None = None) -> dict:
     decisions = apply_policy(scores, steps).with_columns(shard=scores["shard"])
     fs, out_path = fsspec.core.url_to_fs(out)
     fs.makedirs(out_path, exist_ok=True)
+    if fs.exists(join(out_path, "_summary.json")):  # it marks a finished run: gone until this one finishes
+        fs.rm(join(out_path, "_summary.json"))
     write_parquet(decisions.drop("shard"), join(out, "keep.parquet"))
     kept = int(decisions["keep"].sum())
     summary = {"policy": steps, "pairs": len(decisions), "kept": kept, "dropped": len(decisions) - kept,
@@ -86,7 +88,8 @@ def export_shards(config: Config, decisions: pl.DataFrame, scores: pl.DataFrame,
     cfg = config.curate
     out = config.curate_dir()
     fs, out_path = fsspec.core.url_to_fs(out)
-    for old in fs.glob(out_path + "/*.tar") + fs.glob(out_path + "/*_stats.json"):  # a previous export
+    for old in fs.glob(out_path + "/*.tar") + fs.glob(out_path + "/*.tar.tmp") + fs.glob(out_path + "/*_stats.json"):
+        # a previous export, or what a killed one left
         fs.rm(old)
     for pool in ("unpaired_images", "unpaired_texts"):
         if fs.exists(f"{out_path}/{pool}"):

@@ -27,10 +27,16 @@ def dask_distributor(processes_count, downloader, reader, subjob_size, max_shard
             shards = list(shards)
             # subjob_size bounds how many shard tasks wait on the scheduler at once, as in pyspark's batches
             for start in range(0, len(shards), subjob_size):
-                futures = client.map(downloader, shards[start:start + subjob_size], pure=False)
+                batch = shards[start:start + subjob_size]
+                futures = client.map(downloader, batch, pure=False)
+                shard_of = {future.key: shard for future, shard in zip(futures, batch)}
                 for future in tqdm(as_completed(futures), total=len(futures), unit="shard", desc="shards",
                                    initial=start, dynamic_ncols=True):
-                    status, shard = future.result()
+                    try:
+                        status, shard = future.result()
+                    except Exception as err:  # e.g. KilledWorker: its workers died too often; retried, then reported
+                        print(f"shard {shard_of[future.key][0]} task failed: {type(err).__name__}: {err}")
+                        status, shard = False, shard_of[future.key]
                     if status is False:
                         failed.append(shard)
             return failed

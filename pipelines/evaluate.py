@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import fsspec
 import torch
 
 from pipelines.config import Config, ConfigError, expand_globs, join
@@ -57,17 +58,18 @@ def resolve_checkpoints(config: Config) -> list[str]:
     found = expand_globs(config.evaluate.checkpoints or [join(config.run_dir(), "checkpoints", "best.pt")],
                          "evaluate.checkpoints")
     for path in found:
-        if not os.path.exists(path):
+        fs, p = fsspec.core.url_to_fs(path)  # local or in the object store
+        if not fs.exists(p):
             raise ConfigError(f"evaluate: no checkpoint at {path}")
     return found
 
 
 def load(name: str, checkpoint: str, device):
     """An open_clip checkpoint, or an oblique one (its header says so)."""
-    from train.models import create_model
+    from train.models import create_model, load_torch
     from train.oblique import CHECKPOINT_FORMAT, load_oblique
 
-    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    payload = load_torch(checkpoint, map_location="cpu", weights_only=True)
     try:
         if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
             model, _, preprocess, tokenizer = load_oblique(payload.get("model_name") or name, checkpoint,

@@ -102,7 +102,7 @@ def teacher_spec(config: Config) -> dict:
     cfg = config.score
     checkpoints = expand_globs(cfg.checkpoints or [join(config.run_dir(), "checkpoints", "best.pt")], "score.checkpoints")
     for path in checkpoints:
-        if looks_like_path(path) and not os.path.exists(path):
+        if looks_like_path(path) and not exists(path):
             hint = " (train the teacher first: the train stage writes it)" if not cfg.checkpoints else ""
             raise ConfigError(f"score: teacher checkpoint {path} not found{hint}")
     return {"model": cfg.model or config.train.model, "checkpoints": checkpoints,
@@ -115,9 +115,14 @@ def looks_like_path(checkpoint: str) -> bool:
     return "/" in checkpoint or checkpoint.endswith((".pt", ".bin", ".safetensors"))
 
 
+def exists(path: str) -> bool:
+    fs, p = fsspec.core.url_to_fs(path)
+    return fs.exists(p)
+
+
 def file_digest(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fsspec.open(path, "rb") as f:  # a local checkpoint or one in the object store
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import torch
 import webdataset as wds
 
+import train.data  # noqa: F401  (registers fsspec with webdataset: read_shard opens s3:// shards too)
 from curate import neighbours as nn
 from curate.dn import dn_center, normalise
 from curate.scores import clean_probability, cosine_score, pair_loss, pair_posterior
@@ -35,6 +36,7 @@ from curate.teacher import (
 from pipelines.config import ConfigError
 
 _TEACHERS: dict = {}
+MISSING = "missing from the tar (truncated or corrupt shard)"
 
 
 def load_teachers(spec: dict) -> dict:
@@ -78,6 +80,7 @@ def embed_shard(url: str, out: str, spec: dict, batch_size: int, threads: int) -
     torch.set_num_threads(threads)
     teacher = load_teachers(spec)
     samples = read_shard(url)
+    samples = sorted(samples + missing_samples(url, {s["__key__"] for s in samples}), key=lambda s: s["__key__"])
     keys = [s["__key__"] for s in samples]
     rows = [sample_row(s) for s in samples]
     errors: list[str | None] = [None] * len(samples)
@@ -90,6 +93,8 @@ def embed_shard(url: str, out: str, spec: dict, batch_size: int, threads: int) -
         done = []
         for i in batch:
             try:
+                if samples[i].get("__missing__"):
+                    raise BadSample(MISSING)
                 done.append((i, *prepare(samples[i], teacher["preprocess"], teacher["fast"])))
             except BadSample as err:
                 errors[i] = str(err)
@@ -126,6 +131,25 @@ def embed_shard(url: str, out: str, spec: dict, batch_size: int, threads: int) -
     write_table(pa.table(columns), out)
     return {"shard": os.path.basename(url), "samples": len(samples), "scored": len(good),
             "failed": len(samples) - len(good), "seconds": time.time() - started}
+
+
+def missing_samples(url: str, read: set[str]) -> list[dict]:
+    """Stubs for the samples the shard's parquet lists as successes that its tar did not yield.
+
+    A truncated or corrupt tar ends early (webdataset warns and goes on): each sample it lost
+    becomes a failure row with its reason, never a silently shorter shard.
+    """
+    fs, path = fsspec.core.url_to_fs(url.removesuffix(".tar") + ".parquet")
+    if not fs.exists(path):
+        return []  # a shard made elsewhere: only its tar is known
+    with fs.open(path, "rb") as f:
+        names = pq.ParquetFile(f).schema_arrow.names
+        f.seek(0)
+        table = pq.read_table(f, columns=[c for c in ("key", "status", "row") if c in names], use_threads=False)
+    rows = table.column("row").to_pylist() if "row" in table.column_names else [None] * table.num_rows
+    return [{"__key__": key, "__missing__": True, "json": json.dumps({"row": row}).encode()}
+            for key, status, row in zip(table.column("key").to_pylist(), table.column("status").to_pylist(), rows)
+            if status == "success" and key not in read]
 
 
 def sample_row(sample: dict) -> int | None:

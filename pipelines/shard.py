@@ -19,13 +19,13 @@ import polars as pl
 import pyarrow.parquet as pq
 from img2dataset.downloader import Downloader
 from img2dataset.reader import Reader
-from img2dataset.resizer import Resizer
 from img2dataset.writer import WebDatasetSampleWriter
 
 from pipelines.config import Config, ConfigError, join, save_config
 from pipelines.distributor import dask_client, dask_distributor
+from pipelines.fetch import REFUSED, BoundedResizer, PublicDownloader
 from pipelines.manifest import read_json, record_stage, write_json, write_parquet
-from pipelines.urllist import InputError, read_url_list, rows_digest, validate_rows
+from pipelines.urllist import INTERNAL_HOST, REASONS, InputError, read_url_list, rows_digest, validate_rows
 
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count: shards are named 00000.tar ...
 ROBOTS_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]  # img2dataset's default opt-outs
@@ -38,7 +38,7 @@ def run_shard(config: Config) -> dict:
     started = time.time()
     with url_list(config) as (path, fmt):
         rows = read_url_list(path, fmt, cfg.input.url_col, cfg.input.caption_col, cfg.input.extra_cols)
-        valid, rejected = validate_rows(rows)
+        valid, rejected = validate_rows(rows, cfg.allow_private_urls)
         sizes = shard_sizes(valid.height, cfg.samples_per_shard)
         prepare_output(fs, out_path, out, {"digest": rows_digest(valid), "samples_per_shard": cfg.samples_per_shard,
                                            "rows": rows.height, "valid": valid.height}, cfg.overwrite)
@@ -46,14 +46,21 @@ def run_shard(config: Config) -> dict:
         write_parquet(rejected, join(out, "_rejected.parquet"))
         save_config(config, join(out, "_config.yaml"))
         done = complete_shards(fs, out_path, sizes)
+        forget_stats(fs, out_path, len(sizes), done)
         todo = len(sizes) - len(done)
         print(f"shard: {rows.height} rows from {path}: {valid.height} valid, {rejected.height} rejected; "
               f"{len(sizes)} shards, {len(done)} already complete, {todo} to do")
+        refused = int((rejected["error_message"] == INTERNAL_HOST).sum())
+        if refused:
+            print(f"shard: refused {refused} urls whose host is loopback, private, link-local or localhost (an untrusted "
+                  "list must not reach internal services); set shard.allow_private_urls=true (--allow-private-urls) "
+                  "to download them")
         if todo:
             reader, downloader = img2dataset_parts(config, out, done)
             with dask_client(cfg.scheduler, cfg.processes) as client:
                 print(f"shard: Dask dashboard {client.dashboard_link}")
                 dask_distributor(cfg.processes, downloader, reader, max(1, todo), cfg.max_shard_retry)
+            fs.invalidate_cache()  # the workers wrote the shards: drop our listings (s3fs caches them)
         if fs.exists(join(out_path, "_tmp")):
             fs.rm(join(out_path, "_tmp"), recursive=True)
     summary = summarize(fs, out_path, sizes, rejected, time.time() - started, input_rows=rows.height)
@@ -72,6 +79,9 @@ def url_list(config: Config):
         return
     if config.world is None:
         raise ConfigError("shard.input.path is not set and the config has no world section: nothing to shard")
+    if not config.shard.allow_private_urls:
+        raise ConfigError("the demo world is served on loopback, whose urls the shard stage refuses by default; "
+                          "set shard.allow_private_urls: true (--allow-private-urls) to shard it")
     from pipelines.world import build_world, write_url_list
     from pipelines.world_server import serve_world
 
@@ -110,44 +120,71 @@ def complete_shards(fs, out_path: str, sizes: list[int]) -> set[int]:
         base = join(out_path, shard_name(shard_id))
         if not (fs.exists(base + ".tar") and fs.exists(base + ".parquet")):
             continue
-        stats = read_json(base + "_stats.json")
-        with fs.open(base + ".parquet", "rb") as f:
-            rows = pq.ParquetFile(f).metadata.num_rows
+        stats = read_stats(fs.unstrip_protocol(base + "_stats.json"))  # read_json takes a url (s3://...)
+        try:
+            with fs.open(base + ".parquet", "rb") as f:
+                rows = pq.ParquetFile(f).metadata.num_rows
+        except (OSError, ValueError):  # pyarrow's ArrowInvalid: a parquet cut short by a kill has no footer
+            continue
         if stats and stats.get("count") == size == rows:
             done.add(shard_id)
     return done
 
 
-def img2dataset_parts(config: Config, out: str, done: set[int]) -> tuple[Reader, Downloader]:
+def read_stats(path: str) -> dict | None:
+    """A shard's img2dataset stats; None when missing or cut short (img2dataset writes it in place, not renamed)."""
+    try:
+        return read_json(path)
+    except ValueError:
+        return None
+
+
+def forget_stats(fs, out_path: str, n_shards: int, done: set[int]) -> None:
+    """Stats of a shard about to be redone: gone first, so a kill during the redo never leaves old stats beside a new half tar."""
+    for shard_id in set(range(n_shards)) - done:
+        stats = join(out_path, shard_name(shard_id) + "_stats.json")
+        if fs.exists(stats):
+            fs.rm(stats)
+
+
+def img2dataset_parts(config: Config, out: str, done: set[int]) -> tuple[Reader, PublicDownloader]:
     """img2dataset's own Reader and Downloader, configured as its `download()` would."""
     cfg = config.shard
     reader = Reader(join(out, "_input.parquet"), "parquet", "url", "caption", None, None,
                     ["row", *cfg.input.extra_cols], cfg.samples_per_shard, done, join(out, "_tmp"))
     fs, tmp = fsspec.core.url_to_fs(join(out, "_tmp"))
     fs.makedirs(tmp, exist_ok=True)
-    resizer = Resizer(image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=False,
-                      encode_quality=cfg.encode_quality, encode_format=cfg.encode_format,
-                      min_image_size=cfg.min_image_size, max_image_area=cfg.max_image_area or float("inf"),
-                      max_aspect_ratio=cfg.max_aspect_ratio or float("inf"))
+    resizer = BoundedResizer(image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=False,
+                             encode_quality=cfg.encode_quality, encode_format=cfg.encode_format,
+                             min_image_size=cfg.min_image_size, max_image_area=cfg.max_image_area or float("inf"),
+                             max_aspect_ratio=cfg.max_aspect_ratio or float("inf"),
+                             max_decode_pixels=cfg.max_decode_pixels)
     downloader = Downloader(
         sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=cfg.threads, save_caption=True,
         extract_exif=cfg.extract_exif, output_folder=out, column_list=reader.column_list, timeout=cfg.timeout,
         number_sample_per_shard=cfg.samples_per_shard, oom_shard_count=SHARD_DIGITS, compute_hash=cfg.compute_hash,
         verify_hash_type=None, encode_format=cfg.encode_format, retries=cfg.retries, user_agent_token=None,
         disallowed_header_directives=ROBOTS_DIRECTIVES)
-    return reader, downloader
+    # Each connection (and redirect) only to public addresses, unless private urls are allowed.
+    return reader, PublicDownloader(downloader, cfg.allow_private_urls)
 
 
 def failure_reason(error_message: str | None) -> str:
     """Group img2dataset's free-text errors into stable reasons (no addresses, no per-url details)."""
     if error_message is None:
         return "unknown"
+    if error_message in REASONS:  # validation's own reasons are stable already (and "UTF-8" is no number)
+        return error_message
     msg = error_message.lower()
+    if "infinite loop" in msg:  # urllib's HTTPError for a redirect loop (or more than 10 redirects)
+        return "redirect loop"
     if m := re.search(r"http error (\d{3})", msg):
         return f"http {m.group(1)}"
     for needle, reason in (("timed out", "timeout"), ("incompleteread", "truncated download"),
                            ("image decoding error", "not an image"), ("connection refused", "connection refused"),
-                           ("name or service not known", "dns failure"), ("x-robots-tag", "opted out (X-Robots-Tag)")):
+                           ("name or service not known", "dns failure"), ("x-robots-tag", "opted out (X-Robots-Tag)"),
+                           (REFUSED, "refused: internal address"), ("empty response", "empty response"),
+                           ("truncated image", "truncated image"), ("too large to decode", "image too large to decode")):
         if needle in msg:
             return reason
     return re.sub(r"0x[0-9a-f]+|\d+", "N", error_message)[:80]
@@ -155,15 +192,16 @@ def failure_reason(error_message: str | None) -> str:
 
 def summarize(fs, out_path: str, sizes: list[int], rejected: pl.DataFrame, seconds: float, input_rows: int) -> dict:
     names = [shard_name(i) for i in range(len(sizes))]
+    stats = [read_stats(fs.unstrip_protocol(join(out_path, n + "_stats.json"))) for n in names]
+    # only complete shards: an incomplete one's parquet may be cut short (it is listed as incomplete instead)
     tables = [pl.read_parquet(fs.open(join(out_path, n + ".parquet"), "rb"), columns=["status", "error_message"])
-              for n in names if fs.exists(join(out_path, n + ".parquet"))]
+              for n, s in zip(names, stats) if s]
     downloaded = pl.concat(tables) if tables else pl.DataFrame(schema={"status": pl.String, "error_message": pl.String})
     failures = pl.concat([downloaded.filter(pl.col("status") != "success"), rejected.select("status", "error_message")])
     reasons = failures.with_columns(
         reason=pl.col("error_message").map_elements(failure_reason, return_dtype=pl.String)
     ).group_by("status", "reason").len().sort("len", "status", "reason", descending=[True, False, False])
     successes = int((downloaded["status"] == "success").sum())
-    stats = [read_json(join(out_path, n + "_stats.json")) for n in names]
     complete = [n for n, s in zip(names, stats) if s]
     shard_seconds = sum(s["duration"] for s in stats if s)
     return {

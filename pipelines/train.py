@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fsspec
+
 from pipelines.config import Config, ConfigError, join, load_config, save_config
 from pipelines.manifest import read_json, record_stage, write_json
 
@@ -17,7 +19,8 @@ from pipelines.manifest import read_json, record_stage, write_json
 def run_train(config: Config) -> dict:
     out = config.run_dir()
     config = resolve(config)
-    Path(out).mkdir(parents=True, exist_ok=True)
+    fs, out_path = fsspec.core.url_to_fs(out)  # a local folder or an object store (s3://...)
+    fs.makedirs(out_path, exist_ok=True)
     resolved = join(out, "_config.yaml")
     save_config(config, resolved)
     if config.train.nproc > 1 and "LOCAL_RANK" not in os.environ:

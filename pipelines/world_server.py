@@ -1,9 +1,11 @@
 """A loopback HTTP server for the demo world: its images, and urls that fail on purpose.
 
-GET /images/<name>.jpg serves world_dir/images/<name>.jpg. Under /fail/<kind>/<n>.jpg:
+GET /images/<name>.<ext> serves world_dir/images/<name>.<ext> (jpg, png, gif, webp, or bin as
+image/jpeg: the bad-input corpus of the tests). Under /fail/<kind>/<n>.jpg:
 404 and 500 answer with that status; timeout stalls (up to timeout_delay, cut short at shutdown)
 and then answers 504; truncated promises a real jpeg's length and sends half of it; html answers
-200 with Content-Type image/jpeg and an HTML page, as misconfigured web servers do.
+200 with Content-Type image/jpeg and an HTML page, as misconfigured web servers do; redirect
+answers 302 to itself, a redirect loop.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-IMAGE_NAME = re.compile(r"^[A-Za-z0-9_-]+\.jpg$")  # no path tricks: a bare file name
+IMAGE_NAME = re.compile(r"^[A-Za-z0-9_-]+\.(jpg|png|gif|webp|bin)$")  # no path tricks: a bare file name
+CONTENT_TYPES = {"jpg": "image/jpeg", "png": "image/png", "gif": "image/gif", "webp": "image/webp", "bin": "image/jpeg"}
 HTML_PAGE = (b"<!DOCTYPE html>\n<html><head><title>Access denied</title></head>\n"
              b"<body><h1>Access denied</h1><p>Please enable cookies to view this image.</p></body></html>\n")
 
@@ -59,7 +62,7 @@ class WorldHandler(BaseHTTPRequestHandler):
             self.send_error(404)
             return
         with open(path, "rb") as f:
-            self.send_body(f.read(), "image/jpeg")
+            self.send_body(f.read(), CONTENT_TYPES[name.rsplit(".", 1)[1]])
 
     def send_failure(self, kind: str, name: str) -> None:
         if kind in ("404", "500"):
@@ -81,6 +84,11 @@ class WorldHandler(BaseHTTPRequestHandler):
             self.close_connection = True  # the rest never comes
         elif kind == "html":
             self.send_body(HTML_PAGE, "image/jpeg")
+        elif kind == "redirect":
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
         else:
             self.send_error(404)
 

@@ -21,3 +21,5 @@ def test_efficacy_smoke_run_trains_every_row_and_writes_the_table(tmp_path):
         assert run["val_curve"] and {"dot", "dn", "dn_std"} <= set(run["test"]["retrieval"])
     table = (tmp_path / "noise20" / "rows.md").read_text()
     assert "| clip_raw | 1 |" in table and "R@1 dn" in table and "noise detection" in table
+    curves = (tmp_path / "noise20" / "rows_curves.png").read_bytes()
+    assert curves.startswith(b"\x89PNG") and len(curves) > 5000  # a drawn figure, not an empty canvas

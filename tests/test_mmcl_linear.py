@@ -28,16 +28,35 @@ def test_data_shapes_and_orthonormal_subspaces():
     assert not torch.equal(mmcl_linear.make_data(1, n_pairs=30, n_pool=70, n_test=50)["u1"], data["u1"])
 
 
+def corr(data, x, y):
+    """Correlation of images and texts projected on the true subspaces: high when row i's share a latent."""
+    a, b = x @ data["u1"], y @ data["u2"]
+    return ((a * b).sum() / (a.norm() * b.norm())).item()
+
+
 def test_pool_is_unpaired_and_pairs_are_paired():
-    # projected on the true subspaces, a pair shares its latent and the pool's i-th image and text do not
+    # a pair shares its latent; the independent pool's i-th image and text do not; the hidden pool's do
     data = mmcl_linear.make_data(0, n_pairs=2000, n_pool=2000, n_test=10)
+    assert corr(data, data["x"], data["y"]) > 0.8
+    assert abs(corr(data, data["pool_x"], data["pool_y"])) < 0.1
+    hidden = mmcl_linear.make_data(0, n_pairs=2000, n_pool=2000, n_test=10, pool="hidden")
+    assert corr(hidden, hidden["pool_x"], hidden["pool_y"]) > 0.8
 
-    def corr(x, y):
-        a, b = x @ data["u1"], y @ data["u2"]
-        return (a * b).sum() / (a.norm() * b.norm())
 
-    assert corr(data["x"], data["y"]) > 0.8
-    assert abs(corr(data["pool_x"], data["pool_y"])) < 0.1
+def test_pool_batches():
+    # hidden: each batch holds its images' partners, shuffled (no position gives the pairing away);
+    # independent: the text batches are unrelated to the image batches; both cover every index once
+    g = torch.Generator().manual_seed(0)
+    for pool in ("hidden", "independent"):
+        batches = mmcl_linear.pool_batches(200, pool, g, batch=50)
+        assert sorted(torch.cat([i for i, _ in batches]).tolist()) == list(range(200))
+        assert sorted(torch.cat([j for _, j in batches]).tolist()) == list(range(200))
+        same_set = [set(i.tolist()) == set(j.tolist()) for i, j in batches]
+        in_place = sum((i == j).sum().item() for i, j in batches)
+        if pool == "hidden":
+            assert all(same_set) and in_place < 20
+        else:
+            assert not any(same_set)
 
 
 def test_sin_theta_extremes():
@@ -71,7 +90,7 @@ def test_top1_known_answer():
 
 def test_short_run():
     torch.set_num_threads(1)
-    out = mmcl_linear.run_seed(0, [500], n_test=1000, paired_epochs=10, unpaired_epochs=10)
+    out = mmcl_linear.run_seed(0, [500], n_test=1000, paired_epochs=10, unpaired_epochs=10, pool="hidden")
     numbers = [out["paired"], out["closed_form"], out["by_size"][500]["unpaired"], out["by_size"][500]["closed_form_pseudo"]]
     for result in numbers:
         assert 0.0 <= result["top1"] <= 1.0

@@ -27,7 +27,7 @@ def demo_config(root, world_dir, **shard):
     overrides = [f"root={root}", "stages=[world, shard]", f"world.dir={world_dir}", f"world.n_train={N_TRAIN}",
                  "world.n_val=4", "world.n_test=4", "world.timeout_delay=20", f"world.failing_urls={json.dumps(FAILING)}",
                  "shard.processes=2", "shard.threads=16", "shard.samples_per_shard=100", "shard.image_size=64",
-                 "shard.timeout=2"]
+                 "shard.timeout=2", "shard.allow_private_urls=true"]
     overrides += [f"shard.{k}={v}" for k, v in shard.items()]
     return load_config(None, overrides)
 
@@ -128,7 +128,8 @@ def test_real_cc3m_rows_through_the_cli(cc3m_tsv, sharded, tmp_path):
         (tmp_path / "cc3m.tsv").write_text("\n".join(rewritten) + "\n", encoding="utf-8")
         result = subprocess.run(
             [str(BIN / "softcurate"), "shard", "--input", str(tmp_path / "cc3m.tsv"), "--root", str(tmp_path / "out"),
-             "--processes", "1", "--threads", "8", "--image-size", "64", "--samples-per-shard", "50", "--timeout", "5"],
+             "--processes", "1", "--threads", "8", "--image-size", "64", "--samples-per-shard", "50", "--timeout", "5",
+             "--allow-private-urls"],
             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "123 input rows = 120 samples + 3 failures (reconciled)" in result.stdout

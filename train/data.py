@@ -56,10 +56,28 @@ def count_samples(urls: list[str]) -> int:
     return sum(shard_samples(url) for url in urls)
 
 
+def tar_is_complete(url: str) -> bool:
+    """A tar ends with its end-of-archive marker (two zero blocks); one cut short (a killed copy or
+    write) does not, and would pass for a shorter shard. Reads only the last 1 KiB."""
+    if url.startswith("pipe:"):
+        return True  # a stream: nothing to check before reading it
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        return True  # not ours to report: reading its stats says what is missing
+    size = fs.size(path)
+    return size >= 1024 and size % 512 == 0 and not any(fs.cat_file(path, start=size - 1024, end=size))
+
+
 def nonempty_shards(urls: str | list[str]) -> list[str]:
-    """The shards that hold samples: resampling an empty one (every url failed) would spin forever."""
+    """The shards that hold samples: resampling an empty one (every url failed) would spin forever.
+
+    A truncated tar is left out and counted in a warning: never taken as a complete shard."""
     urls = expand_urls(urls)
-    kept = [url for url in urls if shard_samples(url) > 0]
+    truncated = [url for url in urls if not tar_is_complete(url)]
+    if truncated:
+        logging.warning("left out %d truncated shard(s) (no end-of-archive marker; re-run the shard stage): %s",
+                        len(truncated), ", ".join(truncated[:5]) + (" ..." if len(truncated) > 5 else ""))
+    kept = [url for url in urls if url not in truncated and shard_samples(url) > 0]
     if not kept:
         raise ValueError(f"no samples in {urls[0]}" + (f" or the {len(urls) - 1} other shards" if len(urls) > 1 else ""))
     return kept

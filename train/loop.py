@@ -11,12 +11,17 @@ import copy
 import inspect
 import json
 import math
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
 
+import fsspec
+import numpy as np
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from open_clip_train.scheduler import cosine_lr
 from tqdm import tqdm
 
@@ -33,7 +38,7 @@ from train.distributed import init_distributed
 from train.evaluate import retrieval_recall
 from train.losses import UnpairedLoss, build_loss, teacher_pairs
 from train.losses.clip import flat
-from train.models import create_model, save_checkpoint
+from train.models import create_model, load_torch, save_checkpoint, save_torch
 
 NOT_IN_BAR = ("step", "epoch", "lr", "skipped_samples")
 # Batch fields from the score stage, by the loss argument that takes them.
@@ -46,7 +51,7 @@ class SetupError(ValueError):
 
 
 def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | None = None) -> dict:
-    out = Path(out_dir)
+    out = str(out_dir).rstrip("/")  # a local folder or an fsspec url (s3://...): paths are joined as strings
     env = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     if cfg.threads:
@@ -91,19 +96,37 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     workers = max(1, cfg.workers)
     schedule = cosine_lr(optimizer, cfg.lr, cfg.warmup_steps, total_steps)
-    best = {"val_recall": -1.0, "teacher_recall": -1.0}  # carried in the checkpoint so resume keeps the best
-    step = load_state(out / "checkpoints" / "latest.pt", model, optimizer, best) if cfg.resume else 0
-    log = MetricLog(out, step, enabled=env.is_main)
+    best = {"val_recall": -1.0, "teacher_recall": -1.0, "epoch_end": 0}  # carried in the checkpoint so resume keeps the best
+    step = load_state(f"{out}/checkpoints/latest.pt", model, optimizer, best) if cfg.resume else 0
+    # killed between an epoch's last step and the end of its validation: that epoch's end is done again
+    epoch_end_pending = bool(step) and (step % steps_per_epoch == 0 or step == total_steps) and best["epoch_end"] != step
+    log = MetricLog(out, step, enabled=env.is_main, redo_validation=epoch_end_pending)
     unpaired = UnpairedStreams(cfg, pools, preprocess_train, tokenizer, env) if pools else None
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if unpaired and cfg.unpaired.pairing == "teacher" else None
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg.precision, env.device))
     skipped = 0
+
+    def end_epoch() -> None:
+        """Epoch checkpoint and validation, marked in the state so a resumed run neither skips nor repeats them."""
+        if cfg.epoch_checkpoints and env.is_main:  # the teacher's training dynamics, for the score stage
+            export(model, cfg.model, f"{out}/checkpoints/epoch_{math.ceil(step / steps_per_epoch):03d}.pt")
+        validate(cfg, model, val_shards, preprocess_val, tokenizer, env, log, step, out, best, teacher)
+        best["epoch_end"] = step
+        if env.is_main:
+            log.sync()
+            save_state(f"{out}/checkpoints/latest.pt", model, optimizer, step, best)
+
+    if epoch_end_pending:
+        end_epoch()
     bar = tqdm(total=total_steps, initial=step, disable=not env.is_main, unit="step", dynamic_ncols=True, mininterval=1.0)
 
     stop = install_stop_handlers()
     try:
         while step < total_steps:
             epoch, skip = divmod(step, steps_per_epoch)
+            # The augmentations' random state (the loader workers' seeds, or this process's own with workers=0)
+            # is a function of seed, epoch and rank, not of what ran before: a run resumed at any step replays it.
+            torch.manual_seed(epoch_seed(cfg.seed, epoch, env.rank))
             pipeline = make_pipeline(urls, preprocess_train, tokenizer, cfg.batch_size, seed=cfg.seed, epoch=epoch,
                                      batches_per_worker=math.ceil(steps_per_epoch / workers),
                                      min_clean_prob=cfg.min_clean_prob, require_scores=needs_scores(loss_fn, cfg),
@@ -131,28 +154,28 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in NOT_IN_BAR})
                 if env.is_main and (step % cfg.checkpoint_every == 0 or step == total_steps):
-                    save_state(out / "checkpoints" / "latest.pt", model, optimizer, step, best)
+                    log.sync()  # metrics first: a kill between the two leaves them ahead, and resume trims them
+                    save_state(f"{out}/checkpoints/latest.pt", model, optimizer, step, best)
                 if stop.is_set():
                     raise KeyboardInterrupt
             if step % steps_per_epoch == 0 or step == total_steps:
-                if cfg.epoch_checkpoints and env.is_main:  # the teacher's training dynamics, for the score stage
-                    export(model, cfg.model, out / "checkpoints" / f"epoch_{math.ceil(step / steps_per_epoch):03d}.pt")
-                validate(cfg, model, val_shards, preprocess_val, tokenizer, env, log, step, out, best, teacher)
+                end_epoch()
     except (KeyboardInterrupt, RuntimeError) as err:
         # Stopped between steps (Ctrl-C, SIGTERM, or the data workers killed with us): the state is consistent.
         if not (stop.is_set() or isinstance(err, KeyboardInterrupt)):
             raise
         if env.is_main:
-            save_state(out / "checkpoints" / "latest.pt", model, optimizer, step, best)
+            log.sync()
+            save_state(f"{out}/checkpoints/latest.pt", model, optimizer, step, best)
         log.close()
         raise KeyboardInterrupt(f"stopped at step {step}; checkpoint saved, re-run to resume") from None
     bar.close()
     if env.is_main:
-        export(model, cfg.model, out / "checkpoints" / "final.pt")
+        export(model, cfg.model, f"{out}/checkpoints/final.pt")
     log.close()
     env.barrier()
     return {"steps": step, "steps_per_epoch": steps_per_epoch, "skipped_samples": skipped, "best_val_recall": best["val_recall"],
-            "final_checkpoint": str(out / "checkpoints" / "final.pt"), "last": log.last}
+            "final_checkpoint": f"{out}/checkpoints/final.pt", "last": log.last}
 
 
 def train_step(ddp, model, loss_fn, optimizer, batch, env, autocast, grad_clip, scale_cap, unpaired, teacher,
@@ -184,7 +207,7 @@ def install_stop_handlers() -> threading.Event:
     return stop
 
 
-def export(model, name: str, path: Path) -> None:
+def export(model, name: str, path: str) -> None:
     """Stock models as plain open_clip state dicts; oblique ones in our format (train.oblique.load_oblique)."""
     if getattr(model, "oblique_k", 1) > 1:
         from train.oblique import save_oblique
@@ -260,7 +283,7 @@ def endless(urls, preprocess, tokenizer, batch_size: int, modality: str, seed: i
 
 
 @torch.no_grad()
-def validate(cfg, model, val_shards, preprocess, tokenizer, env, log, step, out: Path, best: dict, teacher) -> None:
+def validate(cfg, model, val_shards, preprocess, tokenizer, env, log, step, out: str, best: dict, teacher) -> None:
     """Mean image<->text R@1 on the clean validation split; keep the best checkpoint (rank 0)."""
     if not val_shards or not env.is_main:
         env.barrier()
@@ -275,42 +298,70 @@ def validate(cfg, model, val_shards, preprocess, tokenizer, env, log, step, out:
     log.write({"step": step, "val_recall@1": score, **{f"val_{k}": v for k, v in recall.items()}}, every=1)
     if score > best["val_recall"]:
         best["val_recall"] = score
-        export(model, cfg.model, out / "checkpoints" / "best.pt")
+        export(model, cfg.model, f"{out}/checkpoints/best.pt")
     if teacher is not None and score > 1.1 * best["teacher_recall"]:  # MMCL: replace on a 10% gain
         teacher.load_state_dict(model.state_dict())
         best["teacher_recall"] = score
     env.barrier()
 
 
-def save_state(path: Path, model, optimizer, step: int, best: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best}, tmp)
-    tmp.replace(path)  # a kill during the save leaves the previous checkpoint intact
+def save_state(path: str, model, optimizer, step: int, best: dict) -> None:
+    # a kill during the save leaves the previous checkpoint intact (save_torch: rename locally, one put in a store)
+    save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best}, path)
 
 
-def load_state(path: Path, model, optimizer, best: dict) -> int:
-    if not path.exists():
+def load_state(path: str, model, optimizer, best: dict) -> int:
+    try:
+        state = load_torch(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
         return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     best.update(state.get("best", {}))
     return int(state["step"])
 
 
-class MetricLog:
-    """metrics.jsonl and TensorBoard on rank 0; a resumed run drops rows past its checkpoint."""
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0])
 
-    def __init__(self, out: Path, resumed_step: int, enabled: bool):
+
+def kept_row(row: dict, resumed_step: int, redo_validation: bool) -> bool:
+    """Rows up to the checkpoint, but not its step's validation when the resumed run validates again."""
+    return row["step"] < resumed_step or (row["step"] == resumed_step and not (redo_validation and "val_recall@1" in row))
+
+
+def whole_row(line: str) -> bool:
+    """False for the last line of a run killed in the middle of writing it."""
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+class MetricLog:
+    """metrics.jsonl and TensorBoard on rank 0; a resumed run drops rows past its checkpoint.
+
+    An object store has no appends: there both go to a local staging folder that `sync` uploads,
+    each file in one put, at every checkpoint and at the end (what resume needs is then in the store).
+    """
+
+    def __init__(self, out: str, resumed_step: int, enabled: bool, redo_validation: bool = False):
         self.enabled, self.last = enabled, {}
         if not enabled:
             return
+        self.store, self.store_path = fsspec.core.url_to_fs(out)
+        self.staged = not isinstance(self.store, LocalFileSystem)
+        out = Path(tempfile.mkdtemp(prefix="softcurate-run-") if self.staged else out)
+        if self.staged and self.store.exists(f"{self.store_path}/metrics.jsonl"):  # resuming: the rows so far
+            self.store.get_file(f"{self.store_path}/metrics.jsonl", str(out / "metrics.jsonl"))
+        self.local = out
         out.mkdir(parents=True, exist_ok=True)
         self.path = out / "metrics.jsonl"
         kept = [line for line in (self.path.read_text().splitlines() if self.path.exists() else [])
-                if json.loads(line)["step"] <= resumed_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+                if whole_row(line) and kept_row(json.loads(line), resumed_step, redo_validation)]
+        tmp = self.path.with_suffix(".tmp")  # a kill during this rewrite keeps the old rows
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
         self.file = self.path.open("a")
         from torch.utils.tensorboard import SummaryWriter
         self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resumed_step + 1)
@@ -326,7 +377,21 @@ class MetricLog:
                 if k != "step":
                     self.tb.add_scalar(k, v, row["step"])
 
+    def sync(self) -> None:
+        if self.enabled and self.staged:
+            self.file.flush()
+            self.tb.flush()
+            self.upload()
+
+    def upload(self) -> None:
+        for path in sorted(self.local.rglob("*")):
+            if path.is_file() and path.suffix != ".tmp":
+                self.store.put_file(str(path), f"{self.store_path}/{path.relative_to(self.local).as_posix()}")
+
     def close(self) -> None:
         if self.enabled:
             self.file.close()
             self.tb.close()
+            if self.staged:
+                self.upload()
+                shutil.rmtree(self.local, ignore_errors=True)

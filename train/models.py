@@ -6,10 +6,16 @@ it is registered with open_clip on import, so every open_clip entry point knows 
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import tempfile
 from pathlib import Path
 
+import fsspec
 import open_clip
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
 CONFIG_DIR = Path(__file__).with_name("model_configs")
 open_clip.add_model_config(CONFIG_DIR)
@@ -26,16 +32,20 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
     """(model, train transform, eval transform, tokenizer) for an open_clip model.
 
     `pretrained` is an open_clip tag (e.g. laion2b_s34b_b79k, fetched by open_clip itself) or a
-    local checkpoint path, which loads with weights_only=True.
+    checkpoint path (local, or an fsspec url such as s3://, copied locally first), which loads with
+    weights_only=True.
     """
     if name not in open_clip.list_models():
         raise ValueError(f"unknown model '{name}'; open_clip knows {len(open_clip.list_models())} models, "
                          f"e.g. softcurate-tiny, ViT-B-32, RN50")
-    if pretrained and Path(pretrained).suffix in (".pt", ".bin", ".safetensors") and not Path(pretrained).exists():
-        raise FileNotFoundError(f"checkpoint not found: {pretrained}")
+    if pretrained and Path(pretrained).suffix in (".pt", ".bin", ".safetensors"):
+        fs, p = fsspec.core.url_to_fs(pretrained)
+        if not fs.exists(p):
+            raise FileNotFoundError(f"checkpoint not found: {pretrained}")
     try:
-        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, device=device, weights_only=True)
+        with local_copy(pretrained) as local:  # open_clip reads local files only
+            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+                name, pretrained=local, device=device, weights_only=True)
     except (RuntimeError, AssertionError) as err:  # open_clip's load_state_dict / pos-embed checks
         if not pretrained:
             raise
@@ -45,8 +55,42 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
 
 def save_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
     """A plain open_clip state dict: `open_clip.create_model_and_transforms(name, pretrained=path)` loads it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)  # a killed save never leaves a checkpoint that looks complete
+    save_torch(model.state_dict(), path)
+
+
+def save_torch(obj, path: str | Path) -> None:
+    """torch.save to a local path or an fsspec url, so that a killed save never leaves a file that looks complete.
+
+    Locally: a temporary name renamed into place. In an object store: one put of the whole object,
+    which is atomic there (S3 has no rename; a copy + delete would be two requests and no safer).
+    """
+    fs, p = fsspec.core.url_to_fs(str(path))
+    if isinstance(fs, LocalFileSystem):
+        Path(p).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(obj, p + ".tmp")
+        os.replace(p + ".tmp", p)
+        return
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    fs.pipe_file(p, buffer.getvalue())
+
+
+def load_torch(path: str | Path, **kw):
+    """torch.load (pass weights_only=True) from a local path or an fsspec url; FileNotFoundError when missing."""
+    fs, p = fsspec.core.url_to_fs(str(path))
+    if isinstance(fs, LocalFileSystem):
+        return torch.load(p, **kw)
+    return torch.load(io.BytesIO(fs.cat_file(p)), **kw)
+
+
+@contextlib.contextmanager
+def local_copy(path: str | None):
+    """A local path to read `path` from: itself when local (or a pretrained tag), else a temporary download."""
+    fs, p = fsspec.core.url_to_fs(path) if path else (None, None)
+    if fs is None or isinstance(fs, LocalFileSystem):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="softcurate-") as tmp:
+        local = os.path.join(tmp, os.path.basename(p))  # the suffix tells open_clip the format
+        fs.get_file(p, local)
+        yield local

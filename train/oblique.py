@@ -36,7 +36,7 @@ from open_clip.model import CLIP
 from open_clip.transformer import VisionTransformer, _expand_token, text_global_pool
 from torch import nn
 
-from train.models import create_model
+from train.models import create_model, load_torch, save_torch
 
 CHECKPOINT_FORMAT = "softcurate-oblique-v1"
 
@@ -263,11 +263,7 @@ def save_oblique(model: nn.Module, path: str | Path, model_name: str | None = No
     model = getattr(model, "module", model)  # a DDP wrapper saves its inner model's names
     payload = {"format": CHECKPOINT_FORMAT, "oblique_k": int(getattr(model, "oblique_k", 1)),
                "model_name": model_name, "state_dict": model.state_dict()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)  # a killed save never leaves a checkpoint that looks complete
+    save_torch(payload, path)  # a killed save never leaves a checkpoint that looks complete (local or object store)
 
 
 def load_oblique(name: str, path: str | Path, k: int, device: str | torch.device = "cpu"):
@@ -279,10 +275,10 @@ def load_oblique(name: str, path: str | Path, k: int, device: str | torch.device
     for a different K, or for a different model name when the checkpoint records one. A bare
     state dict of an oblique model (no header) is accepted too, its K read from its class tokens.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    payload = torch.load(path, map_location=device, weights_only=True)
+    try:
+        payload = load_torch(path, map_location=device, weights_only=True)  # local or an fsspec url
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
     if isinstance(payload, dict) and "visual.extra_class_embedding" in payload:
         # A bare state dict of an oblique model (e.g. a plain save_checkpoint): K is its token count.
         k_saved = payload["visual.extra_class_embedding"].shape[0] + 1

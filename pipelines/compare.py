@@ -1,0 +1,210 @@
+"""The compare stage: students trained with one budget, evaluated side by side (one table).
+
+Each row of `compare.rows` is a train config (loss, loss_args, oblique_k, ...) on top of the shared
+`compare.budget`, plus where its data comes from:
+    curate: [policy steps]   train on the raw shards through a keep-list made with that policy
+    pairs: curated           train on the curate stage's export instead of the raw shards
+    pools: true              MMCL's unpaired pools from that export
+Every row and seed is validated on the clean validation split each epoch; its best checkpoint (best.pt)
+is evaluated on the test split (zero-shot and retrieval, dot and DN) and the result written to
+`<root>/compare/<row>_s<seed>.json`, which a re-run skips. The demo trains a CLIP baseline on the raw
+shards and SoftCLIP on the curated pairs; bench/efficacy.py runs the efficacy table's rows the same way.
+"""
+
+from __future__ import annotations
+
+import json
+
+import fsspec
+import numpy as np
+
+from pipelines.config import Config, join, load_config
+from pipelines.manifest import read_json, record_stage, write_json
+
+DATA_KEYS = ("curate", "pairs", "pools")  # a row's keys that are not train settings
+
+
+def run_compare(config: Config) -> dict:
+    cfg, out = config.compare, config.compare_dir()
+    results = run_rows(config, cfg.rows, cfg.seeds, cfg.budget, out)
+    teacher = evaluate_teacher(config, out)
+    text = table("compare", ([teacher] if teacher else []) + results, detection(config))
+    fs, path = fsspec.core.url_to_fs(out)
+    with fs.open(join(path, "table.md"), "w") as f:
+        f.write(text)
+    with fs.open(join(path, "curves.png"), "wb") as f:
+        f.write(plot_curves("compare", results))
+    summary = {"rows": summarize(results), "teacher": headline(teacher) if teacher else None,
+               "seeds": cfg.seeds, "budget": cfg.budget}
+    write_json(join(out, "summary.json"), summary)
+    record_stage(config, "compare", {"output": out, "rows": sorted(cfg.rows)})
+    print("\n" + text)
+    return summary
+
+
+def run_rows(config: Config, rows: dict, seeds: list[int], budget: dict, out: str) -> list[dict]:
+    """Train and evaluate every row for every seed (row-major); results already in `out` are kept."""
+    results = []
+    for name, row in rows.items():
+        for seed in seeds:
+            results.append(run_once(config, name, row, seed, budget, out))
+    return results
+
+
+def run_once(config: Config, name: str, row: dict, seed: int, budget: dict, out: str) -> dict:
+    path = join(out, f"{name}_s{seed}.json")
+    result = read_json(path)
+    if result is None:
+        result = run_row(config, name, row, seed, budget)
+        write_json(path, result)
+    return result
+
+
+def row_config(config: Config, name: str, row: dict, seed: int, budget: dict) -> Config:
+    """The train config of one row and seed: the config's root and splits, the row's objective and data."""
+    from pipelines.curate import run_curate
+
+    train = {k: v for k, v in row.items() if k not in DATA_KEYS}
+    values = {"train.name": f"compare_{name}_s{seed}", "train.seed": seed, "train.epoch_checkpoints": False,
+              "train.epochs": 1000, **{f"train.{k}": v for k, v in {**budget, **train}.items() if k != "unpaired"}}
+    for key, value in row.get("unpaired", {}).items():
+        values[f"train.unpaired.{key}"] = value
+    if row.get("curate"):
+        kept = join(config.root, "compare_curated", name)
+        policy = load_config(None, [f"root={config.root}", f"curate.output={kept}"], {"curate.policy": row["curate"]})
+        run_curate(config.model_copy(update={"curate": policy.curate}), export=False)
+        values["train.keep_list"] = join(kept, "keep.parquet")
+    export = (read_json(join(config.curate_dir(), "_summary.json"), {}) or {}).get("export")
+    if (row.get("pairs") == "curated" or row.get("pools")) and not export:
+        raise ValueError(f"compare row {name}: needs the curate stage's export (curate.export: true)")
+    if row.get("pairs") == "curated":
+        values["train.shards"] = export["shards"]["urls"]
+    if row.get("pools"):
+        values["train.unpaired.images"] = export["unpaired_images"]["urls"]
+        values["train.unpaired.texts"] = export["unpaired_texts"]["urls"]
+    data = config.model_dump(mode="json")
+    data["train"] = {**data["train"], "output": None, "pretrained": None, "loss_args": {}, "keep_list": None}
+    return load_config(None, [], {**flatten(data), **values})
+
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in ("loss_args", "rows", "budget"):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def run_row(config: Config, name: str, row: dict, seed: int, budget: dict) -> dict:
+    from pipelines.evaluate import evaluate_checkpoint
+    from pipelines.train import run_train
+
+    cfg = row_config(config, name, row, seed, budget)
+    summary = run_train(cfg)
+    with fsspec.open(join(cfg.run_dir(), "metrics.jsonl"), "r") as f:
+        metrics = [json.loads(line) for line in f.read().splitlines()]
+    curve = [{"step": m["step"], "val_recall@1": m["val_recall@1"]} for m in metrics if "val_recall@1" in m]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    result = evaluate_checkpoint(cfg, join(cfg.run_dir(), "checkpoints", "best.pt"))
+    return {"row": name, "seed": seed, "train": cfg.train.model_dump(mode="json"), "steps": summary["steps"],
+            "best_val_recall": summary["best_val_recall"], "val_curve": curve,
+            "loss_first": float(np.mean(losses[:5])), "loss_last": float(np.mean(losses[-5:])), "test": result}
+
+
+def evaluate_teacher(config: Config, out: str) -> dict | None:
+    """The train stage's own run (the teacher) evaluated beside the students, when it exists."""
+    from pipelines.evaluate import evaluate_checkpoint
+
+    best = join(config.run_dir(), "checkpoints", "best.pt")
+    fs, path = fsspec.core.url_to_fs(best)
+    if not fs.exists(path):
+        return None
+    result = read_json(join(out, "teacher.json"))
+    if result is None:
+        run = read_json(join(config.run_dir(), "_summary.json"), {}) or {}
+        result = {"row": f"teacher ({config.train.name}, {config.train.loss})", "seed": config.seed,
+                  "best_val_recall": run.get("best_val_recall", float("nan")), "test": evaluate_checkpoint(config, best)}
+        write_json(join(out, "teacher.json"), result)
+    return result
+
+
+def detection(config: Config) -> dict | None:
+    summary = read_json(join(config.score_dir(), "_summary.json"), {}) or {}
+    if not summary.get("detection"):
+        return None
+    return {**summary["detection"], "temperature_indicator": summary["noise"]["temperature_indicator"]}
+
+
+def headline(result: dict) -> dict:
+    """The numbers of one run that go into the table."""
+    test = result["test"]
+    out = {}
+    for space in ("dot", "dn"):
+        for task, scores in test["zero_shot"].items():
+            out[f"{task} top1 {space}"] = scores[space]["top1"]
+        if "retrieval" in test:
+            r = test["retrieval"][space]
+            out[f"R@1 {space}"] = (r["i2t_R@1"] + r["t2i_R@1"]) / 2
+    out["best val R@1"] = result["best_val_recall"]
+    return out
+
+
+def summarize(results: list[dict]) -> dict:
+    """Row -> column -> {mean, std, seeds} (std over seeds, population)."""
+    rows: dict[str, list[dict]] = {}
+    for result in results:
+        rows.setdefault(result["row"], []).append(headline(result))
+    return {name: {c: {"mean": float(np.mean([r[c] for r in runs])), "std": float(np.std([r[c] for r in runs])),
+                       "seeds": len(runs)} for c in runs[0]} for name, runs in rows.items()}
+
+
+def table(title: str, results: list[dict], detection: dict | None) -> str:
+    """Markdown: one line per row, mean +- std over its seeds."""
+    rows = summarize(results)
+    lines = [f"### {title}", ""]
+    if detection:
+        lines += ["noise detection (AUROC against the injected noise): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in detection["auroc"].items())
+                  + f"; temperature indicator {detection['temperature_indicator']:.3g}", ""]
+    if not rows:
+        return "\n".join(lines + ["(no runs)"]) + "\n"
+    columns = list(next(iter(rows.values())))
+    lines += ["| row | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for name, row in rows.items():
+        cells = [f"{row[c]['mean']:.3f} +- {row[c]['std']:.3f}" if c in row else "" for c in columns]
+        lines.append(f"| {name} | {next(iter(row.values()))['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(title: str, results: list[dict]) -> bytes:
+    """Validation R@1 against step, one line per row (mean over its seeds), a panel per loss family,
+    the CLIP baseline (clip_raw) dashed on every panel."""
+    from curate.report import _figure, _png
+
+    curves: dict[str, list] = {}
+    for result in results:
+        if result.get("val_curve"):
+            curves.setdefault(result["row"], []).append(result["val_curve"])
+    families = sorted({name.split("_")[0] for name in curves}) or ["(no runs)"]
+    fig = _figure(width=4.0 * len(families), height=3.2)
+    axes = fig.subplots(1, len(families), sharey=True, squeeze=False)[0]
+
+    def mean_curve(runs):
+        n = min(len(c) for c in runs)
+        return [p["step"] for p in runs[0][:n]], np.mean([[p["val_recall@1"] for p in c[:n]] for c in runs], axis=0)
+
+    for ax, family in zip(axes, families):
+        for name, runs in curves.items():
+            if name.split("_")[0] == family and name != "clip_raw":
+                ax.plot(*mean_curve(runs), lw=1.5, label=name)
+        if "clip_raw" in curves:
+            ax.plot(*mean_curve(curves["clip_raw"]), color="black", lw=1.2, ls="--", label="clip_raw")
+        ax.set_title(f"{title}: {family}", fontsize=10)
+        ax.set_xlabel("step", fontsize=9)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    axes[0].set_ylabel("clean validation R@1")
+    return _png(fig)
