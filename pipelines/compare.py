@@ -110,7 +110,8 @@ def run_row(config: Config, name: str, row: dict, seed: int, budget: dict) -> di
     result = evaluate_checkpoint(cfg, join(cfg.run_dir(), "checkpoints", "best.pt"))
     return {"row": name, "seed": seed, "train": cfg.train.model_dump(mode="json"), "steps": summary["steps"],
             "best_val_recall": summary["best_val_recall"], "val_curve": curve,
-            "loss_first": float(np.mean(losses[:5])), "loss_last": float(np.mean(losses[-5:])), "test": result}
+            "loss_first": float(np.mean(losses[:5])) if losses else None,
+            "loss_last": float(np.mean(losses[-5:])) if losses else None, "test": result}
 
 
 def evaluate_teacher(config: Config, out: str) -> dict | None:
@@ -173,7 +174,8 @@ def table(title: str, results: list[dict], detection: dict | None) -> str:
     columns = list(next(iter(rows.values())))
     lines += ["| row | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for name, row in rows.items():
-        cells = [f"{row[c]['mean']:.3f} +- {row[c]['std']:.3f}" if c in row else "" for c in columns]
+        cells = [("" if c not in row else f"{row[c]['mean']:.3f}" if row[c]["seeds"] == 1
+                  else f"{row[c]['mean']:.3f} +- {row[c]['std']:.3f}") for c in columns]
         lines.append(f"| {name} | {next(iter(row.values()))['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -81,3 +81,13 @@ def test_resolved_config_round_trips(tmp_path):
     again = validate(yaml.safe_load(path.read_text()))
     assert again == config
     assert dump_config(again) == path.read_text()
+
+
+def test_a_compare_row_is_checked_as_train_settings():
+    with pytest.raises(ConfigError, match=r"row bad: key 'loss'"):
+        load_config(None, [], {"compare.rows": {"bad": {"loss": "clipp"}}})
+    with pytest.raises(ConfigError, match=r"row raw: pairs must be 'curated'"):
+        load_config(None, [], {"compare.rows": {"raw": {"loss": "clip", "pairs": "raw"}}})
+    config = load_config(None, [], {"compare.rows": {"ok": {"loss": "softclip", "curate": [{"kind": "clean_prob", "min": 0.5}]}},
+                                    "compare.budget": {"max_steps": 10}})
+    assert config.compare_dir().endswith("/compare")

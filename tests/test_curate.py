@@ -10,6 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 import webdataset as wds
+import yaml
 from conftest import BIN, N, config_for
 
 from pipelines.audit import run_audit
@@ -152,3 +153,34 @@ def test_an_empty_dataset_gives_a_report_and_a_refused_keep_list(tmp_path):
     assert facts["counts"]["failed"] == 5 and facts["counts"]["reconciled"]
     assert "no pair could be scored" in (tmp_path / "audit" / "index.html").read_text()
     assert run_curate(config, export=True)["kept"] == 0
+
+
+def test_compare_trains_each_row_once_and_tables_them_beside_the_teacher(scored, tmp_path):
+    """The compare stage (the demo's students): a CLIP row on the raw shards and SoftCLIP through a keep-list,
+    one budget, each evaluated; the table and curves written; a re-run trains nothing."""
+    from pipelines.compare import run_compare
+
+    root, score_summary = scored
+    rows = ("{cmp_clip: {loss: clip}, cmp_softclip: {loss: softclip, loss_args: {alpha: 0.2, beta: 1.0, target: teacher},"
+            " curate: [{kind: clean_prob, min: 0.5}]}}")
+    config = config_for(root, f"compare.output={tmp_path}", f"compare.rows={rows}", "evaluate.dn_seeds=2",
+                        "compare.budget={max_steps: 4, batch_size: 32, warmup_steps: 1, workers: 1, checkpoint_every: 100, log_every: 1}")
+    summary = run_compare(config)
+    assert set(summary["rows"]) == {"cmp_clip", "cmp_softclip"} and summary["teacher"]["best val R@1"] > 0
+    soft = json.loads((tmp_path / "cmp_softclip_s0.json").read_text())
+    assert soft["steps"] == 4 and soft["train"]["loss"] == "softclip" and soft["loss_last"] > 0
+    resolved = yaml.safe_load((root / "runs" / "compare_cmp_softclip_s0" / "_config.yaml").read_text())
+    assert resolved["train"]["loss_args"]["tau_s"] == pytest.approx(score_summary["teacher"]["tau_s"])  # the teacher's temperature
+    kept = pl.read_parquet(soft["train"]["keep_list"])
+    assert 0 < kept["keep"].sum() < kept.height  # trained on the curated pairs, not all of them
+    assert json.loads((tmp_path / "cmp_clip_s0.json").read_text())["train"]["keep_list"] is None
+    for row in summary["rows"].values():
+        assert 0.0 <= row["R@1 dot"]["mean"] <= 1.0 and row["colour top1 dn"]["seeds"] == 1
+    table = (tmp_path / "table.md").read_text()
+    assert "| cmp_clip | 1 |" in table and "| teacher (teacher, clip) | " in table and "R@1 dn" in table
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+    checkpoints = sorted((root / "runs").glob("compare_cmp_*_s0/checkpoints/best.pt"))
+    stamps = {p: p.stat().st_mtime_ns for p in [*checkpoints, *tmp_path.glob("*.json")] if p.name != "summary.json"}
+    assert len(checkpoints) == 2
+    run_compare(config)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
