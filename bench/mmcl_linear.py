@@ -26,6 +26,7 @@ similarities of each, as UnpairedLoss picks them).
 
     .venv/bin/python bench/mmcl_linear.py [--seeds 5] [--sizes 500 1000 ... 5000] [--test 10000]
         [--paired-epochs 100] [--unpaired-epochs 100] [--pool hidden|independent] [--json PATH] [--threads 1]
+    .venv/bin/python bench/mmcl_linear.py --plot OUT.png RUN.json [RUN.json ...]   # the figure of earlier runs
 """
 
 from __future__ import annotations
@@ -233,6 +234,33 @@ def summarise(results: dict[int, dict], sizes: list[int]) -> None:
         print(f"{label:>28}  {mean_std([c['top1'] for c in cf]):>15}  {mean_std([c['sin_theta'] for c in cf]):>15}")
 
 
+PAPER_NOTEBOOK = {500: 0.448, 1000: 0.5207, 1500: 0.5665, 2000: 0.5765, 2500: 0.5924, 3000: 0.5865, 3500: 0.5958,
+                  4000: 0.6009, 4500: 0.5937, 5000: 0.5962}  # the authors' notebook output (one seed)
+
+
+def plot(out: str, runs: list[str]) -> None:
+    """Top-1 against N for each --json file given (mean +- std over seeds), the paper's curve beside them."""
+    from curate.report import _figure, _png
+
+    fig = _figure(width=5.5, height=3.6)
+    ax = fig.subplots()
+    for path in runs:
+        run = json.loads(Path(path).read_text())
+        results, pool = run["results"], run["args"].get("pool", "independent")
+        sizes = sorted(int(n) for n in next(iter(results.values()))["by_size"])
+        top = [[r["by_size"][str(n)]["unpaired"]["top1"] for r in results.values()] for n in sizes]
+        ax.errorbar(sizes, [statistics.fmean(t) for t in top], [statistics.pstdev(t) for t in top], capsize=2,
+                    label=f"+ unpaired, {pool} pool ({len(results)} seeds)")
+    paired = [r["paired"]["top1"] for r in results.values()]
+    ax.axhline(statistics.fmean(paired), color="grey", ls="--", label="paired only (ours)")
+    ax.plot(list(PAPER_NOTEBOOK), list(PAPER_NOTEBOOK.values()), "k:", marker="x", label="paper (authors' notebook)")
+    ax.set_xlabel("unpaired pool size N")
+    ax.set_ylabel("top-1 retrieval, 10k test pairs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    Path(out).write_bytes(_png(fig))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0 .. seeds-1; seed s sets the data and the init")
@@ -246,7 +274,11 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write every number here")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; the matrices are tiny, so a second thread only adds sync (5x slower under load)")
+    parser.add_argument("--plot", nargs="+", metavar=("PNG", "JSON"),
+                        help="only draw PNG from the --json files of earlier runs, then exit")
     args = parser.parse_args()
+    if args.plot:
+        return plot(args.plot[0], args.plot[1:])
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     results = {}
