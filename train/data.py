@@ -211,13 +211,15 @@ def make_pipeline(urls: str | list[str], preprocess, tokenizer, batch_size: int,
     else:
         stages = [wds.SimpleShardList(shards), wds.split_by_node, wds.split_by_worker]
     stages += [wds.tarfile_to_samples(handler=wds.warn_and_continue)]
-    stages += [wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(seed * 7919 + epoch))] \
-        if training else []
+    # select and join while samples still arrive shard by shard: after the shuffle, neighbours come
+    # from different shards and ScoreJoin would reload a scores file for almost every sample
     if keep_list:
         stages.append(wds.select(KeepList(keep_list)))
     stages += [wds.map(ScoreJoin(required=require_scores or min_clean_prob is not None))]
     if min_clean_prob is not None:
         stages.append(wds.select(lambda s: s["scores"]["clean_prob"] >= min_clean_prob))
+    stages += [wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(seed * 7919 + epoch))] \
+        if training else []
     stages += [
         partial(decode_samples, preprocess, tokenizer, modality),
         wds.batched(batch_size, partial=not training, collation_fn=collate),
