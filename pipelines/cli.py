@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import subprocess
 import sys
 import typing
 
@@ -137,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InputError) as err:
         print(f"softcurate {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except subprocess.CalledProcessError as err:  # torchrun lost a rank: its own log says which and why
+        print(f"softcurate {args.command}: error: {' '.join(map(str, err.cmd[:6]))} ... exited with status "
+              f"{err.returncode}; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as stop:
         print(f"softcurate {args.command}: {stop or 'interrupted; re-run the same command to resume'}", file=sys.stderr)
         return 130

@@ -34,9 +34,9 @@ def softcurate(stage: str, root, *options: str, sets=()) -> list[str]:
     return [str(BIN / "softcurate"), stage, "--root", str(root), *options, *(a for s in sets for a in ("--set", s))]
 
 
-def start(command: list[str]) -> subprocess.Popen:
+def start(command: list[str], stderr=subprocess.DEVNULL) -> subprocess.Popen:
     """The CLI in its own process group (it and everything it starts: Dask workers, torchrun ranks, loaders)."""
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
 
 
 def wait_for(proc: subprocess.Popen, ready, timeout: float = 600) -> None:
@@ -232,7 +232,8 @@ def test_train_killed_in_the_middle_resumes_to_the_same_weights(scored, tmp_path
     options = [f"--nproc={nproc}", f"--batch-size={50 // nproc}"]
     finished(train_command(root, tmp_path / "straight", *options))
     command = train_command(root, tmp_path / "killed", *options)
-    proc = start(command)
+    log = tmp_path / "stderr.txt"
+    proc = start(command, stderr=log.open("w"))
     wait_for(proc, complete(tmp_path / "killed" / "checkpoints", "latest.pt"))
     if nproc == 1:
         kill_group(proc)
@@ -241,7 +242,9 @@ def test_train_killed_in_the_middle_resumes_to_the_same_weights(scored, tmp_path
         ranks = [p for p in agents[0].children() if is_rank(p, "1")]  # the agent's own children: not loader workers
         assert len(ranks) == 1, ranks
         ranks[0].kill()
-        assert proc.wait(timeout=300) != 0  # the run reports the lost rank
+        assert proc.wait(timeout=300) == 1  # the run reports the lost rank
+        last = log.read_text().rstrip().splitlines()[-1]  # the CLI's own line comes last: no traceback of ours
+        assert last.startswith("softcurate train: error:") and "exited with status" in last, last
         kill_group(proc)  # nothing of it may be left
     assert len(rows(tmp_path / "killed")) < len(rows(tmp_path / "straight")), "the run finished before it was killed"
     finished(command)
