@@ -2,6 +2,7 @@
 
     python bench/efficacy.py configs/efficacy/noise20.yaml configs/efficacy/noise40.yaml   # the full run
     python bench/efficacy.py --smoke                                                        # CI's reduced run
+    python bench/efficacy.py --tables-only ...                                              # table what exists
 
 For each world config: its chain (world, shards, teacher, scores, audit, curation) runs first, then
 every row of configs/efficacy/rows.yaml for every seed, with the same budget, as the compare stage
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--rows", default="configs/efficacy/rows.yaml")
     parser.add_argument("--only", nargs="*", help="run only these rows")
     parser.add_argument("--seeds", type=int, nargs="*", help="override the seeds of rows.yaml")
+    parser.add_argument("--tables-only", action="store_true", help="only table the results already written")
     parser.add_argument("--smoke", action="store_true", help="a tiny world, one seed, three rows, a few steps (CI)")
     parser.add_argument("--results", default=None, help=f"default {RESULTS.relative_to(ROOT)} (smoke: a temporary folder)")
     args = parser.parse_args()
@@ -64,14 +66,16 @@ def main() -> None:
         results_dir = Path(args.results) if args.results else Path(tmp) / "results"
     rows = {k: v for k, v in rows.items() if not args.only or k in args.only}
     seeds = args.seeds or seeds
-    worlds = {Path(path).stem: prepare_world(path, overrides) for path in args.configs}
+    load = (lambda path: load_config(path, overrides)) if args.tables_only else (lambda path: prepare_world(path, overrides))
+    worlds = {Path(path).stem: load(path) for path in args.configs}
     # seed-major, so that a run stopped part-way has every row and world at the first seeds
-    for seed in seeds:
+    for seed in [] if args.tables_only else seeds:
         for world, config in worlds.items():
             for name, row in rows.items():
                 run_once(config, name, row, seed, budget, str(results_dir / world))
     for world, config in worlds.items():
         out = results_dir / world
+        out.mkdir(parents=True, exist_ok=True)
         results = [json.loads((out / f"{name}_s{seed}.json").read_text())
                    for name in rows for seed in seeds if (out / f"{name}_s{seed}.json").exists()]
         text = table(world, results, detection(config))
