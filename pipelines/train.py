@@ -34,7 +34,8 @@ def run_train(config: Config) -> dict:
     record_stage(config, f"train:{config.train.name}", {"output": out, "summary": summary})
     last = summary.get("last", {})
     val = f"{summary['best_val_recall']:.3f}" if summary["best_val_recall"] >= 0 else "n/a (no validation split)"
-    print(f"\ntrain summary: {summary['steps']} steps, loss {last.get('loss', float('nan')):.4f}, "
+    loss = f"loss {last['loss']:.4f}" if "loss" in last else "no loss logged by this process (a finished run resumed, or fewer steps than log_every)"
+    print(f"\ntrain summary: {summary['steps']} steps, {loss}, "
           f"{summary['skipped_samples']} bad samples skipped, best val R@1 {val}, "
           f"checkpoint {summary['final_checkpoint']}")
     return summary
