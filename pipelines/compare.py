@@ -18,7 +18,7 @@ import json
 import fsspec
 import numpy as np
 
-from pipelines.config import Config, join, load_config
+from pipelines.config import Config, ConfigError, join, load_config, set_key, validate
 from pipelines.manifest import read_json, record_stage, write_json
 
 DATA_KEYS = ("curate", "pairs", "pools")  # a row's keys that are not train settings
@@ -76,7 +76,7 @@ def row_config(config: Config, name: str, row: dict, seed: int, budget: dict) ->
         values["train.keep_list"] = join(kept, "keep.parquet")
     export = (read_json(join(config.curate_dir(), "_summary.json"), {}) or {}).get("export")
     if (row.get("pairs") == "curated" or row.get("pools")) and not export:
-        raise ValueError(f"compare row {name}: needs the curate stage's export (curate.export: true)")
+        raise ConfigError(f"compare row {name}: needs the curate stage's export (curate.export: true)")
     if row.get("pairs") == "curated":
         values["train.shards"] = export["shards"]["urls"]
     if row.get("pools"):
@@ -84,17 +84,9 @@ def row_config(config: Config, name: str, row: dict, seed: int, budget: dict) ->
         values["train.unpaired.texts"] = export["unpaired_texts"]["urls"]
     data = config.model_dump(mode="json")
     data["train"] = {**data["train"], "output": None, "pretrained": None, "loss_args": {}, "keep_list": None}
-    return load_config(None, [], {**flatten(data), **values})
-
-
-def flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and key not in ("loss_args", "rows", "budget"):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+    for key, value in values.items():
+        set_key(data, key, value)
+    return validate(data, f"compare row {name}")
 
 
 def run_row(config: Config, name: str, row: dict, seed: int, budget: dict) -> dict:

@@ -23,7 +23,6 @@ from PIL import Image
 from pipelines.urllist import internal_ip
 
 REFUSED = "resolves to an internal address"  # in img2dataset's error_message; failure_reason groups it
-DEFAULT_MAX_DECODE_PIXELS = 89_478_485  # PIL's MAX_IMAGE_PIXELS: about 256 MB decoded as RGB
 
 
 # ---------------------------------------------------------------- connecting only to public addresses
@@ -120,7 +119,7 @@ class BoundedResizer(Resizer):
     - a 16-bit PNG is scaled to 8 bits (OpenCV's JPEG encoder saturates 16-bit values instead).
     """
 
-    def __init__(self, *args, max_decode_pixels: int = DEFAULT_MAX_DECODE_PIXELS, **kw):
+    def __init__(self, *args, max_decode_pixels: int, **kw):  # the default lives in shard.max_decode_pixels
         super().__init__(*args, **kw)
         self.max_decode_pixels = max_decode_pixels
 
