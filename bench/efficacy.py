@@ -78,7 +78,7 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         results = [json.loads((out / f"{name}_s{seed}.json").read_text())
                    for name in rows for seed in seeds if (out / f"{name}_s{seed}.json").exists()]
-        text = table(world, results, detection(config))
+        text = table(world, results, detection(config), rows)
         (out / f"{Path(args.rows).stem}.md").write_text(text)
         if results:
             (out / f"{Path(args.rows).stem}_curves.png").write_bytes(plot_curves(world, results))

@@ -5,6 +5,7 @@ Each row of `compare.rows` is a train config (loss, loss_args, oblique_k, ...) o
     curate: [policy steps]   train on the raw shards through a keep-list made with that policy
     pairs: curated           train on the curate stage's export instead of the raw shards
     pools: true              MMCL's unpaired pools from that export
+    baseline: ROW            the table adds this row's gain over ROW, seed by seed
 Every row and seed is validated on the clean validation split each epoch; its best checkpoint (best.pt)
 is evaluated on the test split (zero-shot and retrieval, dot and DN) and the result written to
 `<root>/compare/<row>_s<seed>.json`, which a re-run skips. The demo trains a CLIP baseline on the raw
@@ -18,23 +19,21 @@ import json
 import fsspec
 import numpy as np
 
-from pipelines.config import Config, ConfigError, join, load_config, set_key, validate
+from pipelines.config import COMPARE_DATA_KEYS, Config, ConfigError, join, load_config, set_key, validate
 from pipelines.manifest import read_json, record_stage, write_json
-
-DATA_KEYS = ("curate", "pairs", "pools")  # a row's keys that are not train settings
 
 
 def run_compare(config: Config) -> dict:
     cfg, out = config.compare, config.compare_dir()
     results = run_rows(config, cfg.rows, cfg.seeds, cfg.budget, out)
     teacher = evaluate_teacher(config, out)
-    text = table("compare", ([teacher] if teacher else []) + results, detection(config))
+    text = table("compare", ([teacher] if teacher else []) + results, detection(config), cfg.rows)
     fs, path = fsspec.core.url_to_fs(out)
     with fs.open(join(path, "table.md"), "w") as f:
         f.write(text)
     with fs.open(join(path, "curves.png"), "wb") as f:
         f.write(plot_curves("compare", results))
-    summary = {"rows": summarize(results), "teacher": headline(teacher) if teacher else None,
+    summary = {"rows": summarize(results), "versus": versus(results, cfg.rows), "teacher": headline(teacher) if teacher else None,
                "seeds": cfg.seeds, "budget": cfg.budget}
     write_json(join(out, "summary.json"), summary)
     record_stage(config, "compare", {"output": out, "rows": sorted(cfg.rows)})
@@ -64,7 +63,7 @@ def row_config(config: Config, name: str, row: dict, seed: int, budget: dict) ->
     """The train config of one row and seed: the config's root and splits, the row's objective and data."""
     from pipelines.curate import run_curate
 
-    train = {k: v for k, v in row.items() if k not in DATA_KEYS}
+    train = {k: v for k, v in row.items() if k not in COMPARE_DATA_KEYS}
     values = {"train.name": f"compare_{name}_s{seed}", "train.seed": seed, "train.epoch_checkpoints": False,
               "train.epochs": 1000, **{f"train.{k}": v for k, v in {**budget, **train}.items() if k != "unpaired"}}
     for key, value in row.get("unpaired", {}).items():
@@ -153,8 +152,34 @@ def summarize(results: list[dict]) -> dict:
                        "seeds": len(runs)} for c in runs[0]} for name, runs in rows.items()}
 
 
-def table(title: str, results: list[dict], detection: dict | None) -> str:
-    """Markdown: one line per row, mean +- std over its seeds."""
+def versus(results: list[dict], rows: dict) -> dict:
+    """Each row against its baseline row and its DN against its dot product, paired by seed:
+    row -> {baseline, gain (R@1 row - baseline, per seed), dn_gain (R@1 DN - dot, per seed)}."""
+    by = {(r["row"], r["seed"]): headline(r) for r in results}
+    out = {}
+    for name, row in rows.items():
+        seeds = sorted(seed for (n, seed) in by if n == name)
+        if not seeds or "R@1 dot" not in by[name, seeds[0]]:
+            continue
+        base = row.get("baseline")
+        paired = [s for s in seeds if (base, s) in by]
+        out[name] = {"baseline": base,
+                     "gain": [by[name, s]["R@1 dot"] - by[base, s]["R@1 dot"] for s in paired] if base else [],
+                     "dn_gain": [by[name, s]["R@1 dn"] - by[name, s]["R@1 dot"] for s in seeds]}
+    return out
+
+
+def spread(values: list[float]) -> str:
+    """mean +- std (n>0 of n): the sign of each paired difference counts, not only the mean."""
+    if not values:
+        return ""
+    wins = sum(v > 0 for v in values)
+    return f"{np.mean(values):+.3f} +- {np.std(values):.3f} ({wins}/{len(values)} > 0)"
+
+
+def table(title: str, results: list[dict], detection: dict | None, rows_spec: dict | None = None) -> str:
+    """Markdown: one line per row, mean +- std over its seeds; with the rows' spec, a second table of
+    each row's gain over its baseline and of DN over dot, paired by seed."""
     rows = summarize(results)
     lines = [f"### {title}", ""]
     if detection:
@@ -169,6 +194,13 @@ def table(title: str, results: list[dict], detection: dict | None) -> str:
         cells = [("" if c not in row else f"{row[c]['mean']:.3f}" if row[c]["seeds"] == 1
                   else f"{row[c]['mean']:.3f} +- {row[c]['std']:.3f}") for c in columns]
         lines.append(f"| {name} | {next(iter(row.values()))['seeds']} | " + " | ".join(cells) + " |")
+    gains = versus(results, rows_spec or {})
+    if gains:
+        lines += ["", "retrieval R@1 (dot) gained over the row's baseline, and by DN over dot, paired by seed "
+                  "(mean +- std, seeds with a gain):", "",
+                  "| row | baseline | R@1 gain over baseline | R@1 gain DN - dot |", "|---|---|---|---|"]
+        lines += [f"| {name} | {g['baseline'] or ''} | {spread(g['gain'])} | {spread(g['dn_gain'])} |"
+                  for name, g in gains.items()]
     return "\n".join(lines) + "\n"
 
 

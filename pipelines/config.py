@@ -228,10 +228,14 @@ class EvaluateConfig(Strict):
     device: str = option("auto", "auto: cuda when available, else cpu")
 
 
+COMPARE_DATA_KEYS = ("curate", "pairs", "pools", "baseline")  # a compare row's keys that are not train settings
+
+
 class CompareConfig(Strict):
     rows: dict[str, dict[str, Any]] = option(
         {}, "row name -> train settings of one student (loss, loss_args, oblique_k, ...), plus its data: "
-            "curate: [policy steps] (a keep-list), pairs: curated (the export), pools: true (MMCL's unpaired pools)")
+            "curate: [policy steps] (a keep-list), pairs: curated (the export), pools: true (MMCL's unpaired pools); "
+            "baseline: another row, which the table compares it with seed by seed")
     budget: dict[str, Any] = option({}, "train settings every row shares (max_steps, batch_size, lr, ...)")
     seeds: list[int] = option([0], "each row is trained once per seed")
     output: Optional[str] = option(None, "where each row's results and the table go; default <root>/compare")
@@ -239,13 +243,15 @@ class CompareConfig(Strict):
     @model_validator(mode="after")
     def rows_are_train_settings(self):
         for name, row in self.rows.items():
-            train = {k: v for k, v in {**self.budget, **row}.items() if k not in ("curate", "pairs", "pools")}
+            train = {k: v for k, v in {**self.budget, **row}.items() if k not in COMPARE_DATA_KEYS}
             try:
                 TrainConfig.model_validate(train)
             except ValidationError as err:
                 raise ValueError(f"row {name}: " + "; ".join(describe(e) for e in err.errors())) from None
             if row.get("pairs") not in (None, "curated"):
                 raise ValueError(f"row {name}: pairs must be 'curated' (the curate stage's export) or unset")
+            if row.get("baseline") is not None and row["baseline"] not in set(self.rows) - {name}:
+                raise ValueError(f"row {name}: baseline {row['baseline']!r} is not another row of this table")
         return self
 
 

@@ -17,12 +17,13 @@ def test_shipped_configs_validate(path):
 
 @pytest.mark.parametrize("name", ROW_FILES)
 def test_efficacy_rows_are_valid_train_settings(name):
-    """configs/efficacy/rows.yaml and sweep.yaml are not whole configs: each row's settings must still validate."""
+    """configs/efficacy/rows.yaml and sweep.yaml are not whole configs: they must still validate as compare rows."""
     spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "efficacy" / name).read_text())
-    for name, row in spec["rows"].items():
-        train = {k: v for k, v in {**spec["budget"], **row}.items() if k not in ("curate", "pairs", "pools")}
-        config = load_config(None, [], {"train": train, "curate.policy": row.get("curate", [{"kind": "clean_prob", "min": 0.5}])})
-        assert config.train.loss == row["loss"], name
+    config = load_config(None, [], {"compare.rows": spec["rows"], "compare.budget": spec["budget"]})
+    assert list(config.compare.rows) == list(spec["rows"])
+    for row in spec["rows"].values():
+        if row.get("curate"):
+            load_config(None, [], {"curate.policy": row["curate"]})
 
 
 def test_unknown_key_is_named_with_a_suggestion(tmp_path):
@@ -88,6 +89,8 @@ def test_a_compare_row_is_checked_as_train_settings():
         load_config(None, [], {"compare.rows": {"bad": {"loss": "clipp"}}})
     with pytest.raises(ConfigError, match=r"row raw: pairs must be 'curated'"):
         load_config(None, [], {"compare.rows": {"raw": {"loss": "clip", "pairs": "raw"}}})
+    with pytest.raises(ConfigError, match="baseline 'clip' is not another row"):
+        load_config(None, [], {"compare.rows": {"raw": {"loss": "clip"}, "soft": {"loss": "softclip", "baseline": "clip"}}})
     config = load_config(None, [], {"compare.rows": {"ok": {"loss": "softclip", "curate": [{"kind": "clean_prob", "min": 0.5}]}},
                                     "compare.budget": {"max_steps": 10}})
     assert config.compare_dir().endswith("/compare")

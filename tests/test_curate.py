@@ -161,7 +161,7 @@ def test_compare_trains_each_row_once_and_tables_them_beside_the_teacher(scored,
     from pipelines.compare import run_compare
 
     root, score_summary = scored
-    rows = ("{cmp_clip: {loss: clip}, cmp_softclip: {loss: softclip, loss_args: {alpha: 0.2, beta: 1.0, target: teacher},"
+    rows = ("{cmp_clip: {loss: clip}, cmp_softclip: {baseline: cmp_clip, loss: softclip, loss_args: {alpha: 0.2, beta: 1.0, target: teacher},"
             " curate: [{kind: clean_prob, min: 0.5}]}}")
     config = config_for(root, f"compare.output={tmp_path}", f"compare.rows={rows}", "evaluate.dn_seeds=2",
                         "compare.budget={max_steps: 4, batch_size: 32, warmup_steps: 1, workers: 1, checkpoint_every: 100, log_every: 1}")
@@ -178,6 +178,10 @@ def test_compare_trains_each_row_once_and_tables_them_beside_the_teacher(scored,
         assert 0.0 <= row["R@1 dot"]["mean"] <= 1.0 and row["colour top1 dn"]["seeds"] == 1
     table = (tmp_path / "table.md").read_text()
     assert "| cmp_clip | 1 |" in table and "| teacher (teacher, clip) | " in table and "R@1 dn" in table
+    gain = summary["versus"]["cmp_softclip"]
+    assert gain["baseline"] == "cmp_clip" and gain["gain"] == pytest.approx(
+        [summary["rows"]["cmp_softclip"]["R@1 dot"]["mean"] - summary["rows"]["cmp_clip"]["R@1 dot"]["mean"]])
+    assert "| cmp_softclip | cmp_clip | " in table
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
     checkpoints = sorted((root / "runs").glob("compare_cmp_*_s0/checkpoints/best.pt"))
     stamps = {p: p.stat().st_mtime_ns for p in [*checkpoints, *tmp_path.glob("*.json")] if p.name != "summary.json"}

@@ -21,5 +21,26 @@ def test_efficacy_smoke_run_trains_every_row_and_writes_the_table(tmp_path):
         assert run["val_curve"] and {"dot", "dn", "dn_std"} <= set(run["test"]["retrieval"])
     table = (tmp_path / "noise20" / "rows.md").read_text()
     assert "| clip_raw | 1 |" in table and "R@1 dn" in table and "noise detection" in table
+    assert "| softclip_teacher | clip_raw |" in table  # the gain over its baseline, paired by seed
     curves = (tmp_path / "noise20" / "rows_curves.png").read_bytes()
     assert curves.startswith(b"\x89PNG") and len(curves) > 5000  # a drawn figure, not an empty canvas
+
+
+def run(row: str, seed: int, dot: float, dn: float) -> dict:
+    """A result as run_row writes it, reduced to what the table reads."""
+    retrieval = {space: {"i2t_R@1": r, "t2i_R@1": r} for space, r in (("dot", dot), ("dn", dn))}
+    return {"row": row, "seed": seed, "best_val_recall": dot,
+            "test": {"zero_shot": {"colour": {"dot": {"top1": 0.5}, "dn": {"top1": 0.5}}}, "retrieval": retrieval}}
+
+
+def test_gains_are_paired_by_seed_and_count_the_seeds_that_gain():
+    from pipelines.compare import table, versus
+
+    results = [run("clip", 0, 0.10, 0.10), run("clip", 1, 0.20, 0.19), run("clip", 2, 0.30, 0.31),
+               run("soft", 0, 0.15, 0.15), run("soft", 1, 0.18, 0.20)]  # seed 2 of soft missing: not paired
+    gains = versus(results, {"clip": {}, "soft": {"baseline": "clip"}})
+    assert gains["clip"]["baseline"] is None and gains["clip"]["gain"] == []
+    assert gains["soft"]["gain"] == pytest.approx([0.05, -0.02])  # per seed, not mean(soft) - mean(clip)
+    assert gains["clip"]["dn_gain"] == pytest.approx([0.0, -0.01, 0.01])
+    text = table("t", results, None, {"clip": {}, "soft": {"baseline": "clip"}})
+    assert "| soft | clip | +0.015 +- 0.035 (1/2 > 0) | +0.010 +- 0.010 (1/2 > 0) |" in text
