@@ -89,4 +89,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt as stop:  # a stopped row keeps its checkpoint: the same command resumes it
+        sys.exit(f"efficacy: {stop or 'interrupted'}; re-run the same command to resume")
