@@ -56,7 +56,22 @@ def run_once(config: Config, name: str, row: dict, seed: int, budget: dict, out:
     if result is None:
         result = run_row(config, name, row, seed, budget)
         write_json(path, result)
+    wanted = {k: v for k, v in {**budget, **row}.items() if k not in COMPARE_DATA_KEYS}
+    if (differs := mismatch(result.get("train", {}), wanted)) is not None:  # the row was edited since it ran
+        raise ConfigError(f"{path} was trained with {differs}; delete it to train the row as it is now")
     return result
+
+
+def mismatch(stored: dict, wanted: dict, prefix: str = "") -> str | None:
+    """The first setting in `wanted` that the stored train config does not have, or None."""
+    for key, value in wanted.items():
+        have = stored.get(key)
+        if isinstance(value, dict) and isinstance(have, dict):
+            if (inner := mismatch(have, value, f"{prefix}{key}.")) is not None:
+                return inner
+        elif have != value:
+            return f"{prefix}{key}: {have!r}, not {value!r}"
+    return None
 
 
 def row_config(config: Config, name: str, row: dict, seed: int, budget: dict) -> Config:

@@ -44,3 +44,20 @@ def test_gains_are_paired_by_seed_and_count_the_seeds_that_gain():
     assert gains["clip"]["dn_gain"] == pytest.approx([0.0, -0.01, 0.01])
     text = table("t", results, None, {"clip": {}, "soft": {"baseline": "clip"}})
     assert "| soft | clip | +0.015 +- 0.035 (1/2 > 0) | +0.010 +- 0.010 (1/2 > 0) |" in text
+
+
+def test_a_stored_result_of_other_settings_is_refused_not_reused(tmp_path):
+    """Rows are resumed by name: an edited row must not silently reuse the result of its old settings."""
+    from pipelines.compare import run_once
+    from pipelines.config import ConfigError
+
+    stored = {**run("soft", 0, 0.1, 0.1), "train": {"loss": "softclip", "max_steps": 450, "loss_args": {"alpha": 0.2, "tau_s": 0.07}}}
+    (tmp_path / "soft_s0.json").write_text(json.dumps(stored))
+    budget = {"max_steps": 450}
+    # the same settings (the stored config may hold more, e.g. the teacher's tau_s): reused without training
+    assert run_once(None, "soft", {"loss": "softclip", "loss_args": {"alpha": 0.2}, "baseline": "clip"}, 0, budget,
+                    str(tmp_path)) == stored
+    with pytest.raises(ConfigError, match=r"soft_s0.json was trained with loss_args.alpha: 0.2, not 0.4"):
+        run_once(None, "soft", {"loss": "softclip", "loss_args": {"alpha": 0.4}}, 0, budget, str(tmp_path))
+    with pytest.raises(ConfigError, match=r"max_steps: 450, not 900"):
+        run_once(None, "soft", {"loss": "softclip"}, 0, {"max_steps": 900}, str(tmp_path))
