@@ -26,7 +26,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipelines.cli import STAGES  # noqa: E402
-from pipelines.compare import detection, plot_curves, run_once, table  # noqa: E402
+from pipelines.compare import detection, plot_curves, run_once, spread, summarize, table, versus  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +43,22 @@ def prepare_world(config_path: str, overrides: list[str]):
     for stage in config.stages:
         STAGES[stage](config)
     return config
+
+
+def across(by_world: dict[str, list[dict]], rows: dict) -> str:
+    """One line per row: its retrieval R@1 and its gain over its baseline in every world, side by side."""
+    head = "| row | baseline | " + " | ".join(f"{w}: R@1 dot | {w}: gain over baseline" for w in by_world) + " |"
+    lines = ["### retrieval R@1 by world (mean +- std over seeds; gain paired by seed)", "", head,
+             "|---|---|" + "---|---|" * len(by_world)]
+    tables = {w: (summarize(results), versus(results, rows)) for w, results in by_world.items()}
+    for name, row in rows.items():
+        cells = []
+        for summary, gains in tables.values():
+            r = summary.get(name, {}).get("R@1 dot")
+            cells += ["" if r is None else f"{r['mean']:.3f} +- {r['std']:.3f} ({r['seeds']})",
+                      spread(gains.get(name, {}).get("gain", []))]
+        lines.append(f"| {name} | {row.get('baseline') or ''} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -73,15 +89,20 @@ def main() -> None:
         for world, config in worlds.items():
             for name, row in rows.items():
                 run_once(config, name, row, seed, budget, str(results_dir / world))
+    by_world = {}
     for world, config in worlds.items():
         out = results_dir / world
         out.mkdir(parents=True, exist_ok=True)
-        results = [json.loads((out / f"{name}_s{seed}.json").read_text())
-                   for name in rows for seed in seeds if (out / f"{name}_s{seed}.json").exists()]
+        results = by_world[world] = [json.loads((out / f"{name}_s{seed}.json").read_text())
+                                     for name in rows for seed in seeds if (out / f"{name}_s{seed}.json").exists()]
         text = table(world, results, detection(config), rows)
         (out / f"{Path(args.rows).stem}.md").write_text(text)
         if results:
             (out / f"{Path(args.rows).stem}_curves.png").write_bytes(plot_curves(world, results))
+        print("\n" + text)
+    if len(by_world) > 1:
+        text = across(by_world, rows)
+        (results_dir / f"{Path(args.rows).stem}.md").write_text(text)
         print("\n" + text)
     if tmp:
         print(f"smoke run: {tmp}")

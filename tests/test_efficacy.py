@@ -1,11 +1,16 @@
 """The efficacy run's reduced version, as CI runs it: one seed, three rows, a few steps on a tiny world."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("efficacy", ROOT / "bench" / "efficacy.py")
+efficacy = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(efficacy)
 
 
 @pytest.mark.slow
@@ -61,3 +66,12 @@ def test_a_stored_result_of_other_settings_is_refused_not_reused(tmp_path):
         run_once(None, "soft", {"loss": "softclip", "loss_args": {"alpha": 0.4}}, 0, budget, str(tmp_path))
     with pytest.raises(ConfigError, match=r"max_steps: 450, not 900"):
         run_once(None, "soft", {"loss": "softclip"}, 0, {"max_steps": 900}, str(tmp_path))
+
+
+def test_the_cross_world_table_puts_each_rows_gain_in_every_world_side_by_side():
+    rows = {"clip": {}, "soft": {"baseline": "clip"}}
+    by_world = {"w20": [run("clip", 0, 0.10, 0.10), run("soft", 0, 0.14, 0.14), run("clip", 1, 0.20, 0.2), run("soft", 1, 0.22, 0.2)],
+                "w40": [run("clip", 0, 0.05, 0.05), run("soft", 0, 0.04, 0.04)]}
+    text = efficacy.across(by_world, rows)
+    assert "| soft | clip | 0.180 +- 0.040 (2) | +0.030 +- 0.010 (2/2 > 0) | 0.040 +- 0.000 (1) | -0.010 +- 0.000 (0/1 > 0) |" in text
+    assert "| clip |  | 0.150 +- 0.050 (2) |  | 0.050 +- 0.000 (1) |  |" in text
