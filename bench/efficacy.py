@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -61,6 +62,16 @@ def across(by_world: dict[str, list[dict]], rows: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def refresh(doc: Path, results_dir: Path) -> None:
+    """Replace each `<!-- table FILE -->...<!-- end table -->` block of a document with the table in
+    results_dir/FILE (its title and detection line dropped: the document has its own)."""
+    def body(match):
+        lines = (results_dir / match[1]).read_text().splitlines()
+        kept = [line for line in lines if not line.startswith(("### ", "noise detection"))]
+        return f"<!-- table {match[1]} -->\n" + "\n".join(kept).strip() + "\n<!-- end table -->"
+    doc.write_text(re.sub(r"<!-- table (\S+) -->.*?<!-- end table -->", body, doc.read_text(), flags=re.S))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="*", default=["configs/efficacy/noise20.yaml", "configs/efficacy/noise40.yaml"])
@@ -68,6 +79,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run only these rows")
     parser.add_argument("--seeds", type=int, nargs="*", help="override the seeds of rows.yaml")
     parser.add_argument("--tables-only", action="store_true", help="only table the results already written")
+    parser.add_argument("--doc", help="refresh the tables of this document (docs/RESULTS.md) from the results")
     parser.add_argument("--smoke", action="store_true", help="a tiny world, one seed, three rows, a few steps (CI)")
     parser.add_argument("--results", default=None, help=f"default {RESULTS.relative_to(ROOT)} (smoke: a temporary folder)")
     args = parser.parse_args()
@@ -104,6 +116,8 @@ def main() -> None:
         text = across(by_world, rows)
         (results_dir / f"{Path(args.rows).stem}.md").write_text(text)
         print("\n" + text)
+    if args.doc:
+        refresh(Path(args.doc), results_dir)
     if tmp:
         print(f"smoke run: {tmp}")
         shutil.rmtree(tmp, ignore_errors=True)

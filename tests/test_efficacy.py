@@ -75,3 +75,13 @@ def test_the_cross_world_table_puts_each_rows_gain_in_every_world_side_by_side()
     text = efficacy.across(by_world, rows)
     assert "| soft | clip | 0.180 +- 0.040 (2) | +0.030 +- 0.010 (2/2 > 0) | 0.040 +- 0.000 (1) | -0.010 +- 0.000 (0/1 > 0) |" in text
     assert "| clip |  | 0.150 +- 0.050 (2) |  | 0.050 +- 0.000 (1) |  |" in text
+
+
+def test_the_results_document_gets_the_current_tables_between_its_markers(tmp_path):
+    (tmp_path / "w20").mkdir()
+    (tmp_path / "w20" / "rows.md").write_text("### w20\n\nnoise detection (AUROC ...): clean_prob 0.9\n\n| row | R@1 |\n|---|---|\n| clip | 0.2 |\n")
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("# R\n\ntext before\n<!-- table w20/rows.md -->\n| row | R@1 |\n| clip | 0.1 |\n<!-- end table -->\ntext after\n")
+    efficacy.refresh(doc, tmp_path)
+    assert doc.read_text() == ("# R\n\ntext before\n<!-- table w20/rows.md -->\n| row | R@1 |\n|---|---|\n| clip | 0.2 |\n"
+                               "<!-- end table -->\ntext after\n")
