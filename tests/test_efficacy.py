@@ -85,3 +85,19 @@ def test_the_results_document_gets_the_current_tables_between_its_markers(tmp_pa
     efficacy.refresh(doc, tmp_path)
     assert doc.read_text() == ("# R\n\ntext before\n<!-- table w20/rows.md -->\n| row | R@1 |\n|---|---|\n| clip | 0.2 |\n"
                                "<!-- end table -->\ntext after\n")
+
+
+def test_soft_target_mass_follows_what_the_embedding_encodes():
+    """bench/soft_targets.py: a colour-only embedding puts its target mass on same-colour pairs, shape at chance."""
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("soft_targets", ROOT / "bench" / "soft_targets.py")
+    soft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soft)
+    rng = np.random.default_rng(0)
+    colour, shape = rng.integers(0, 6, 3000), rng.integers(0, 6, 3000)
+    x = np.eye(6)[colour] + 0.05 * rng.standard_normal((3000, 6))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    m = soft.target_mass(x, {"colour": colour, "shape": shape}, tau=0.05, batch=128, draws=20, seed=0)
+    assert m["colour"] > 0.9 and m["colour chance"] == pytest.approx(1 / 6, abs=0.02)
+    assert m["shape"] == pytest.approx(m["shape chance"], abs=0.03)
