@@ -88,8 +88,14 @@ def scores_path(shard_url: str) -> str:
     return f"{head}/scores/{name.removesuffix('.tar')}.parquet"
 
 
-def load_scores(path: str) -> dict[str, dict] | None:
-    """One shard's scores by key, or None when the score stage has not written them.
+# what training reads of a scores file (the losses' SCORE_FIELDS and the clean_prob filter); the
+# neighbour lists and the other scores would triple the cost of loading a shard's scores in each worker
+TRAIN_SCORE_COLUMNS = ("key", "clean_prob", "teacher_image_emb", "teacher_text_emb", "text_teacher_emb")
+
+
+def load_scores(path: str, columns: tuple[str, ...] | None = None) -> dict[str, dict] | None:
+    """One shard's scores by key (those of `columns` the file has), or None when the score stage has
+    not written them.
 
     pyarrow without threads, not polars: this runs in forked data workers, where a thread pool
     inherited from the parent can deadlock.
@@ -98,9 +104,11 @@ def load_scores(path: str) -> dict[str, dict] | None:
     if not fs.exists(p):
         return None
     with fs.open(p, "rb") as f:
-        table = pq.read_table(f, use_threads=False)
-    if "key" not in table.column_names:
-        raise ValueError(f"{path}: a scores file must have a 'key' column; it has {table.column_names}")
+        file = pq.ParquetFile(f)
+        names = file.schema_arrow.names
+        if "key" not in names:
+            raise ValueError(f"{path}: a scores file must have a 'key' column; it has {names}")
+        table = file.read(columns=[c for c in columns if c in names] if columns else None, use_threads=False)
     return {row["key"]: row for row in table.to_pylist()}
 
 
@@ -113,7 +121,7 @@ def check_scores(urls: list[str]) -> None:
     """Before training on scores: every shard has a scores file that covers every one of its samples."""
     for url in urls:
         path = scores_path(url)
-        rows = load_scores(path)
+        rows = load_scores(path, ("key",))
         if rows is None:
             raise FileNotFoundError(f"{path}: missing; the loss needs the score stage's output for {url}")
         with fsspec.open(url.removesuffix(".tar") + ".parquet", "rb") as f:
@@ -134,7 +142,7 @@ class ScoreJoin:
     def __call__(self, sample: dict) -> dict:
         path = scores_path(sample["__url__"])
         if path != self.path:
-            self.path, self.rows = path, load_scores(path)
+            self.path, self.rows = path, load_scores(path, TRAIN_SCORE_COLUMNS)
         row = self.rows.get(sample["__key__"]) if self.rows is not None else None
         if row is None and self.required:
             raise KeyError(f"{sample['__url__']}: no scores for sample {sample['__key__']}")
