@@ -262,8 +262,9 @@ def test_oblique_caps_the_logit_scale():
     assert high.grad == 0  # above the cap the scale gets no gradient
     with pytest.raises(ValueError, match="equal K"):
         loss(unit(6, 4, 3, seed=0), unit(6, 2, 6, seed=1), scale(1.0))
-    with pytest.raises(ValueError, match="1 <= logit_scale_init"):  # below the loop's floor it would not hold
+    with pytest.raises(ValueError, match="logit_scale_min <= logit_scale_init"):  # below the floor it would not hold
         ObliqueLoss(logit_scale_init=0.5)
+    assert ObliqueLoss(logit_scale_init=0.5, logit_scale_min=0.25).logit_scale_min == 0.25
 
 
 # ------------------------------------------------------------------ unpaired pseudo-pairs

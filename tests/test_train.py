@@ -46,6 +46,8 @@ def falls(curve, head=5, tail=5):
     ("clip", ["train.loss=clip"]),
     ("softclip", ["train.loss=softclip", "train.loss_args={alpha: 0.2, beta: 1.0, target: self}"]),
     ("oblique", ["train.loss=oblique", "train.oblique_k=4"]),
+    ("oblique_floor", ["train.loss=oblique", "train.oblique_k=4",  # the loss's own scale range, not open_clip's
+                       "train.loss_args={logit_scale_init: 0.5, logit_scale_min: 0.25}"]),
     ("mmcl", ["train.loss=mmcl", "train.shards=ROOT/shards/{00000..00001}.tar",
               "train.unpaired.images=ROOT/shards/00002.tar", "train.unpaired.texts=ROOT/shards/00003.tar",
               "train.unpaired.batch_size=16", "train.unpaired.pairing=teacher"]),  # joint top-K is unbounded below
@@ -61,8 +63,11 @@ def test_each_objective_trains_and_its_loss_falls(root, name, overrides):
     assert (root / "runs" / name / "checkpoints" / "final.pt").exists()
     assert list((root / "runs" / name / "tensorboard").glob("events.out.tfevents.*"))
     assert summary["best_val_recall"] >= 0
+    rows = [json.loads(line) for line in (root / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+    if name == "oblique_floor":  # the loop clamps the scale to the loss's [0.25, 6.25], so it starts at 0.5, not 1
+        scales = [r["logit_scale"] for r in rows if "logit_scale" in r]
+        assert scales[0] == pytest.approx(0.5, abs=0.01) and all(0.25 - 1e-6 <= v <= 6.25 for v in scales), scales
     if name == "mmcl":
-        rows = [json.loads(line) for line in (root / "runs" / name / "metrics.jsonl").read_text().splitlines()]
         assert all("unpaired_loss" in r for r in rows if "loss" in r)
 
 

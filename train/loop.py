@@ -82,7 +82,8 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
         raise SetupError(str(err).splitlines()[0] if str(err) else repr(err)) from err
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    scale_cap = math.log(getattr(loss_fn, "logit_scale_max", 100.0))
+    # log s is kept in [log floor, log cap]: open_clip's [0, log 100] unless the loss sets its own (oblique)
+    scale_range = (math.log(getattr(loss_fn, "logit_scale_min", 1.0)), math.log(getattr(loss_fn, "logit_scale_max", 100.0)))
     if hasattr(loss_fn, "logit_scale_init"):
         with torch.no_grad():
             model.logit_scale.fill_(math.log(loss_fn.logit_scale_init))
@@ -143,7 +144,7 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
                 skipped += batch["skipped"]
                 if cfg.text_targets == "sentence":  # S_T from the sentence-transformers teacher (METHODS.md section 1)
                     batch["teacher_text_emb"] = batch["text_teacher_emb"]
-                terms = train_step(ddp, model, loss_fn, optimizer, batch, env, autocast, cfg.grad_clip, scale_cap,
+                terms = train_step(ddp, model, loss_fn, optimizer, batch, env, autocast, cfg.grad_clip, scale_range,
                                    unpaired, teacher, step, total_steps)
                 step += 1
                 now = time.perf_counter()
@@ -178,7 +179,7 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
             "final_checkpoint": f"{out}/checkpoints/final.pt", "last": log.last}
 
 
-def train_step(ddp, model, loss_fn, optimizer, batch, env, autocast, grad_clip, scale_cap, unpaired, teacher,
+def train_step(ddp, model, loss_fn, optimizer, batch, env, autocast, grad_clip, scale_range, unpaired, teacher,
                step: int, total_steps: int) -> dict:
     """One optimiser step on one batch; returns the loss terms (detached by the caller's .item())."""
     model.train()
@@ -194,7 +195,7 @@ def train_step(ddp, model, loss_fn, optimizer, batch, env, autocast, grad_clip, 
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     with torch.no_grad():
-        model.logit_scale.clamp_(0, scale_cap)
+        model.logit_scale.clamp_(*scale_range)
     return terms
 
 

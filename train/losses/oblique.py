@@ -18,9 +18,10 @@ in effect, at K = 16 a logit range of +-16, about CLIP's initial +-14.3. We keep
                              logit scale to it when it builds this loss)
     logit_scale_max  = 6.25  = 100 / 16: at the default K = 16 the logit range can reach CLIP's
                              capped +-100 and no further; far below CLIP's cap of 100.
-The loss clamps the scale it is given to logit_scale_max (the loop also clamps the parameter, to
-[1, cap] as open_clip does; measured on the efficacy world at K = 16, the scale sits on that floor
-of 1: its gradient points lower, so the cap never binds there; docs/RESULTS.md section 4).
+    logit_scale_min  = 1.0   open_clip's floor (log s >= 0). Measured on the efficacy world at K = 16
+                             the scale sits on it (its gradient points lower) and the cap never
+                             binds (docs/RESULTS.md section 4); set it lower to let s fall.
+The loss clamps the scale it is given to logit_scale_max; the loop keeps the parameter in [min, max].
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ from train.losses.clip import ClipLoss
 class ObliqueLoss(ClipLoss):
     """forward(image_features (N, K, d/K), text_features (N, K, d/K), logit_scale) -> {"loss", "i2t", "t2i"}."""
 
-    def __init__(self, logit_scale_init: float = 1.0, logit_scale_max: float = 6.25,
+    def __init__(self, logit_scale_init: float = 1.0, logit_scale_max: float = 6.25, logit_scale_min: float = 1.0,
                  rank: int = 0, world_size: int = 1, gather_with_grad: bool = True):
         super().__init__(rank, world_size, gather_with_grad)
-        if not 1 <= logit_scale_init <= logit_scale_max:  # the loop keeps log s in [0, log cap], as open_clip
-            raise ValueError(f"ObliqueLoss needs 1 <= logit_scale_init <= logit_scale_max (the train loop keeps "
-                             f"the scale in [1, cap]), got {logit_scale_init} and {logit_scale_max}")
-        self.logit_scale_init, self.logit_scale_max = logit_scale_init, logit_scale_max
+        if not 0 < logit_scale_min <= logit_scale_init <= logit_scale_max:  # the loop keeps s in [min, max]
+            raise ValueError(f"ObliqueLoss needs 0 < logit_scale_min <= logit_scale_init <= logit_scale_max, "
+                             f"got {logit_scale_min}, {logit_scale_init} and {logit_scale_max}")
+        self.logit_scale_init, self.logit_scale_max, self.logit_scale_min = logit_scale_init, logit_scale_max, logit_scale_min
 
     def forward(self, image_features, text_features, logit_scale) -> dict[str, torch.Tensor]:
         u, w = tokens(image_features), tokens(text_features)
