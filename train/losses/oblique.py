@@ -19,8 +19,8 @@ in effect, at K = 16 a logit range of +-16, about CLIP's initial +-14.3. We keep
     logit_scale_max  = 6.25  = 100 / 16: at the default K = 16 the logit range can reach CLIP's
                              capped +-100 and no further; far below CLIP's cap of 100.
     logit_scale_min  = 1.0   open_clip's floor (log s >= 0). Measured on the efficacy world at K = 16
-                             the scale sits on it (its gradient points lower) and the cap never
-                             binds (docs/RESULTS.md section 4); set it lower to let s fall.
+                             the scale stays near 1 (0.985 with the floor at 0.1) and the cap never
+                             binds (docs/RESULTS.md section 4).
 The loss clamps the scale it is given to logit_scale_max; the loop keeps the parameter in [min, max].
 """
 
