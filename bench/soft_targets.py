@@ -1,37 +1,39 @@
 """What SoftCLIP's teacher targets say (issue 6: why SoftCLIP does not beat CLIP on the efficacy worlds).
 
-    python bench/soft_targets.py data/efficacy20 data/efficacy40
+    python bench/soft_targets.py configs/efficacy/noise20.yaml configs/efficacy/noise40.yaml
 
-For random training batches, the intra-modal target of METHODS.md section 1,
-q[i,:] = softmax_j(<a_i, a_j> / tau_s) from the score stage's teacher embeddings at the teacher's own
-temperature, and where its off-diagonal mass goes: to pairs whose (first) object has the same colour,
-the same shape, or both, against the share of such pairs in the batch (what a target blind to that
-attribute would give). A target that "partly describes" should put its mass on pairs that share
-what the captions say.
+For random training batches of each world (its scores and truth table, as the config places them),
+the intra-modal target of METHODS.md section 1, q[i,:] = softmax_j(<a_i, a_j> / tau_s) from the score
+stage's teacher embeddings at the teacher's own temperature, and where its off-diagonal mass goes: to
+pairs whose (first) object has the same colour, the same shape, or both, against the share of such
+pairs in the batch (what a target blind to that attribute would give). A target that "partly
+describes" should put its mass on pairs that share what the captions say.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
-import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipelines.config import join, load_config  # noqa: E402
+from pipelines.curate import load_scores  # noqa: E402
+from pipelines.manifest import read_json  # noqa: E402
+from pipelines.world import read_truth  # noqa: E402
 
-def embeddings(root: str) -> tuple[dict[str, np.ndarray], pl.DataFrame, float]:
-    files = sorted(glob.glob(f"{root}/scores/0*.parquet"))
-    scores = pl.concat([pl.read_parquet(p, columns=["row", "status", "teacher_image_emb", "teacher_text_emb"])
-                        for p in files]).filter(pl.col("status") == "scored")
-    data = scores.join(pl.read_parquet(f"{root}/world/truth.parquet", columns=["row", "shape", "colour"]), on="row")
+
+def embeddings(config) -> tuple[dict[str, np.ndarray], pl.DataFrame, float]:
+    scores, _, _ = load_scores(config, ["row", "status", "teacher_image_emb", "teacher_text_emb"])
+    data = scores.filter(pl.col("status") == "scored").join(read_truth(config, ("row", "shape", "colour")), on="row")
     unit = {}
     for side in ("image", "text"):
         x = np.stack(data[f"teacher_{side}_emb"].to_numpy()).astype(np.float32)
         unit[side] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    with open(f"{root}/scores/_summary.json") as f:
-        tau = json.load(f)["teacher"]["tau_s"]
-    return unit, data, tau
+    return unit, data, read_json(join(config.score_dir(), "_summary.json"))["teacher"]["tau_s"]
 
 
 def target_mass(x: np.ndarray, labels: dict[str, np.ndarray], tau: float, batch: int, draws: int, seed: int) -> dict:
@@ -54,21 +56,21 @@ def target_mass(x: np.ndarray, labels: dict[str, np.ndarray], tau: float, batch:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("roots", nargs="*", default=["data/efficacy20", "data/efficacy40"])
+    parser.add_argument("configs", nargs="*", default=["configs/efficacy/noise20.yaml", "configs/efficacy/noise40.yaml"])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--draws", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print("| world | side | tau_s | q_ii | off-diagonal mass on: same colour (chance) | same shape (chance) | both (chance) |")
     print("|---|---|---|---|---|---|---|")
-    for root in args.roots:
-        unit, data, tau = embeddings(root)
+    for path in args.configs:
+        unit, data, tau = embeddings(load_config(path))
         shape, colour = data["shape"].to_numpy(), data["colour"].to_numpy()
         labels = {"colour": colour, "shape": shape, "both": np.char.add(colour.astype(str), shape.astype(str))}
         for side, x in unit.items():
             m = target_mass(x, labels, tau, args.batch, args.draws, args.seed)
             cells = " | ".join(f"{m[k]:.3f} ({m[f'{k} chance']:.3f})" for k in labels)
-            print(f"| {root} | {side} | {tau:.4f} | {m['q_ii']:.3f} | {cells} |")
+            print(f"| {Path(path).stem} | {side} | {tau:.4f} | {m['q_ii']:.3f} | {cells} |")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ def run_once(config: Config, name: str, row: dict, seed: int, budget: dict, out:
     if result is None:
         result = run_row(config, name, row, seed, budget)
         write_json(path, result)
+        return result
     wanted = {k: v for k, v in {**budget, **row}.items() if k not in COMPARE_DATA_KEYS}
     if (differs := mismatch(result.get("train", {}), wanted)) is not None:  # the row was edited since it ran
         raise ConfigError(f"{path} was trained with {differs}; delete it to train the row as it is now")

@@ -29,8 +29,8 @@ MISMATCH = ("clean_prob", "cosine", "dn_score")  # reasons that say the caption 
 CAPTION_ERRORS = ("empty caption", "caption is not UTF-8", "no caption in the sample")
 
 
-def load_scores(config: Config) -> tuple[pl.DataFrame, list[str], list[str]]:
-    """Every shard's scores (without embeddings), the shards, and the shards whose scores are missing."""
+def load_scores(config: Config, columns: list[str] = SCORE_FIELDS) -> tuple[pl.DataFrame, list[str], list[str]]:
+    """Every shard's scores (by default without embeddings), the shards, and the shards whose scores are missing."""
     done = read_json(join(config.shard_dir(), "_summary.json"))
     if not done or not done["shards"]:
         raise ConfigError(f"{config.shard_dir()} holds no complete shards; run the shard stage first")
@@ -43,7 +43,7 @@ def load_scores(config: Config) -> tuple[pl.DataFrame, list[str], list[str]]:
             missing.append(name)
             continue
         with fs.open(p, "rb") as f:
-            tables.append(pl.read_parquet(f, columns=SCORE_FIELDS).with_columns(shard=pl.lit(name)))
+            tables.append(pl.read_parquet(f, columns=columns).with_columns(shard=pl.lit(name)))
     if not tables:
         raise ConfigError(f"no scores in {config.score_dir()} for the {len(names)} shards; run the score stage first")
     return pl.concat(tables), names, missing

@@ -443,12 +443,12 @@ FAILING_KINDS = {"http_404": "404", "http_500": "500", "timeout": "timeout", "tr
                  "html": "html"}
 
 
-def read_truth(config) -> pl.DataFrame | None:
-    """The world's ground truth (row, noisy, noise_type) when the config has a built world, else None."""
+def read_truth(config, columns: tuple[str, ...] = ("row", "noisy", "noise_type")) -> pl.DataFrame | None:
+    """The world's ground truth (by default row, noisy, noise_type) when the config has a built world, else None."""
     path = os.path.join(config.world_dir(), "truth.parquet") if config.world is not None else None
     if not path or not os.path.exists(path):
         return None
-    return pl.read_parquet(path, columns=["row", "noisy", "noise_type"])
+    return pl.read_parquet(path, columns=list(columns))
 
 
 def failing_rows(world_dir: str) -> int:
