@@ -109,6 +109,10 @@ class UnpairedConfig(Strict):
     paired_fraction: float = option(0.5, "sequential: the share of steps trained on pairs first", ge=0, le=1)
     pairing: Literal["topk", "teacher"] = option(
         "topk", "topk: the m largest similarities of the batch; teacher: a frozen copy's argmax partners")
+    batching: Literal["independent", "aligned"] = option(
+        "independent", "independent: each pool shuffled on its own; aligned: a step's images and texts come from the "
+        "same rows of the image pool (images exported with their rejected caption), so partners share a batch, "
+        "as in the MMCL authors' experiment; the loss never sees which text was whose")
 
 
 class TrainConfig(Strict):

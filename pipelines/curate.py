@@ -2,7 +2,8 @@
 
     scores/NNNNN.parquet ─▶ curate.policies.apply_policy ─▶ curated/keep.parquet (key, keep, weight, reason)
     --export: shards/NNNNN.tar ─▶ curated/NNNNN.tar (kept samples + their score fields, evenly sized)
-                                └▶ curated/unpaired_images/, curated/unpaired_texts/ (MMCL's unpaired pools)
+                                └▶ curated/unpaired_images/, curated/unpaired_texts/ (MMCL's unpaired pools;
+                                   a mismatched image keeps its caption as txt, for aligned batching)
 
 The keep-list is what the train stage reads (`train.keep_list`) without rewriting any image; the
 exported shards are for other trainers (`python -m open_clip_train.main --train-data ...`).
@@ -116,7 +117,10 @@ def export_shards(config: Config, decisions: pl.DataFrame, scores: pl.DataFrame,
             elif reason.startswith(MISMATCH) or reason.startswith("not scored"):
                 error = reason.removeprefix("not scored: ")
                 if "jpg" in sample and (reason.startswith(MISMATCH) or error in CAPTION_ERRORS):
-                    pools["images"].write({"__key__": key, "jpg": sample["jpg"], "json": sample.get("json", b"{}")})
+                    image = {"__key__": key, "jpg": sample["jpg"], "json": sample.get("json", b"{}")}
+                    if reason.startswith(MISMATCH) and "txt" in sample:
+                        image["txt"] = sample["txt"]  # its rejected caption: for MMCL's aligned batching
+                    pools["images"].write(image)
                 if "txt" in sample and (reason.startswith(MISMATCH) or error not in CAPTION_ERRORS):
                     pools["texts"].write({"__key__": key, "txt": sample["txt"], "json": sample.get("json", b"{}")})
         for key, caption in failed_downloads(config, name):  # captions whose image never arrived

@@ -93,6 +93,10 @@ def test_curate_keep_list_export_and_pools_reconcile(scored, tmp_path):
     assert export["unpaired_texts"]["samples"] == dropped + 1  # and the caption whose url gave 404
     texts = list(wds.WebDataset(export["unpaired_texts"]["urls"], shardshuffle=False))
     assert all("txt" in s and "jpg" not in s for s in texts)
+    images = list(wds.WebDataset(export["unpaired_images"]["urls"], shardshuffle=False))
+    caption = {s["__key__"]: s["txt"] for s in texts}
+    assert all("jpg" in s for s in images)  # every image dropped for a mismatch keeps its caption (aligned batching)
+    assert [s["txt"] for s in images] == [caption[s["__key__"]] for s in images]
 
 
 def test_a_policy_that_keeps_nothing_warns_and_training_refuses_it(scored, tmp_path, capsys):

@@ -65,6 +65,26 @@ def test_unpaired_streams_carry_one_side(shards):
 
 
 @pytest.mark.slow
+def test_complete_only_passes_over_one_sided_rows_uncounted(shards, tmp_path):
+    """MMCL's aligned batching reads the image pool's rows as pairs: image-only rows are passed over."""
+    import webdataset as wds
+
+    urls, preprocess, tokenizer, _ = shards
+    samples = list(wds.WebDataset(expand_urls(urls)[0], shardshuffle=False))
+    with wds.TarWriter(str(tmp_path / "pool.tar")) as tar:
+        for i, sample in enumerate(samples):
+            tar.write({k: v for k, v in sample.items() if k in ("__key__", "jpg") or (k == "txt" and i % 3)})
+    with_captions = [s["__key__"] for i, s in enumerate(samples) if i % 3]
+    batches = list(make_pipeline(str(tmp_path / "pool.tar"), preprocess, tokenizer, batch_size=8, modality="pair",
+                                 complete_only=True))
+    assert keys_of(batches) == with_captions
+    assert all(b["image"].shape[0] == b["text"].shape[0] == len(b["key"]) for b in batches)
+    assert sum(b["skipped"] for b in batches) == 0  # not failures: a pool's image-only rows
+    counted = list(make_pipeline(str(tmp_path / "pool.tar"), preprocess, tokenizer, batch_size=8, modality="pair"))
+    assert sum(b["skipped"] for b in counted) == len(samples) - len(with_captions)  # as failures, they would count
+
+
+@pytest.mark.slow
 def test_scores_joined_by_key_and_filtered(shards, tmp_path):
     urls, preprocess, tokenizer, base = shards
     (base / "scores").mkdir(exist_ok=True)

@@ -314,6 +314,20 @@ def test_teacher_pairs_on_a_hand_made_matrix():
     close(out["loss"], (i2t + t2i) / 2)
 
 
+def test_unpaired_loss_never_reads_positions():
+    """Aligned batching hands the loss a batch whose row i image and text i are partners; the loss must
+    not see that: shuffling the texts changes nothing, with top-K or with teacher pairs."""
+    m, s = 6, scale(4.0)
+    u, w = unit(m, 5, seed=2), unit(m, 5, seed=3)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    close(UnpairedLoss()(u, w, s)["loss"], UnpairedLoss()(u, w[perm], s)["loss"])
+    teacher_u, teacher_w = unit(m, 5, seed=4), unit(m, 5, seed=5)
+    by_teacher = UnpairedLoss()(u, w, s, pairs=teacher_pairs(teacher_u @ teacher_w.T))
+    shuffled = UnpairedLoss()(u, w[perm], s, pairs=teacher_pairs(teacher_u @ teacher_w[perm].T))
+    close(by_teacher["loss"], shuffled["loss"])
+    assert not torch.allclose(by_teacher["loss"], UnpairedLoss()(u, w, s)["loss"])  # the pairs do matter
+
+
 def test_joint_merges_the_terms():
     pair_terms = {"loss": torch.tensor(2.0), "i2t": torch.tensor(1.5)}
     unpaired = {"loss": torch.tensor(4.0), "i2t": torch.tensor(3.0)}

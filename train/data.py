@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import random
+import tarfile
 from functools import partial
 
 import braceexpand
@@ -50,6 +51,15 @@ def shard_samples(url: str) -> int:
             return json.load(f)["successes"]
     except FileNotFoundError:
         raise FileNotFoundError(f"{stats_path}: missing; is {url} a shard of the shard stage?") from None
+
+
+def has_captions(url: str, members: int = 1000) -> bool:
+    """Whether a shard's first samples carry a caption (txt): read as a stream, the first members only."""
+    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for _, member in zip(range(members), tar):
+            if member.name.endswith(".txt"):
+                return True
+    return False
 
 
 def count_samples(urls: list[str]) -> int:
@@ -203,14 +213,15 @@ def worker_seed(seed: int, epoch: int) -> int:
 def make_pipeline(urls: str | list[str], preprocess, tokenizer, batch_size: int, *, seed: int = 0,
                   epoch: int = 0, batches_per_worker: int | None = None, shuffle_buffer: int = 1000,
                   min_clean_prob: float | None = None, require_scores: bool = False,
-                  modality: str = "pair", keep_list: str | None = None) -> wds.DataPipeline:
+                  modality: str = "pair", keep_list: str | None = None, complete_only: bool = False) -> wds.DataPipeline:
     """The webdataset idiom: shard list -> split by node and worker -> samples -> decode -> batch.
 
     With `batches_per_worker` (training) shards are resampled with a seed of (seed, epoch, rank,
     worker) and each worker yields exactly that many full batches, so every rank takes the same
     number of steps and an epoch replays identically; without it (evaluation) every sample is read
     once, split by node and worker, the last batch partial. `modality` "image" or "text" makes an
-    unpaired stream of one side only (MMCL's unpaired pools).
+    unpaired stream of one side only (MMCL's unpaired pools); `complete_only` passes over samples that
+    lack a side without counting them (a pool's image-only rows, when reading its rows as pairs).
     """
     shards = expand_urls(urls)
     training = batches_per_worker is not None
@@ -219,6 +230,8 @@ def make_pipeline(urls: str | list[str], preprocess, tokenizer, batch_size: int,
     else:
         stages = [wds.SimpleShardList(shards), wds.split_by_node, wds.split_by_worker]
     stages += [wds.tarfile_to_samples(handler=wds.warn_and_continue)]
+    if complete_only:
+        stages.append(wds.select(partial(has_fields, modality)))
     # select and join while samples still arrive shard by shard: after the shuffle, neighbours come
     # from different shards and ScoreJoin would reload a scores file for almost every sample
     if keep_list:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from train.data import (
     check_scores,
     count_samples,
+    has_captions,
     keep_list_summary,
     make_pipeline,
     nonempty_shards,
@@ -73,11 +74,7 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
                 raise ValueError(f"{cfg.keep_list} keeps none of its {pairs} pairs; loosen the curate policy")
             if weighted and "weight" not in inspect.signature(loss_fn.forward).parameters:
                 raise ValueError(f"{cfg.keep_list} weights its pairs, but the {cfg.loss} loss takes no weights")
-        pools = None
-        if cfg.unpaired.images or cfg.unpaired.texts:
-            if not (cfg.unpaired.images and cfg.unpaired.texts):
-                raise ValueError("unpaired training needs both train.unpaired.images and train.unpaired.texts")
-            pools = {"images": nonempty_shards(cfg.unpaired.images), "texts": nonempty_shards(cfg.unpaired.texts)}
+        pools = unpaired_pools(cfg.unpaired)
     except (ValueError, TypeError, KeyError, RuntimeError, FileNotFoundError) as err:
         raise SetupError(str(err).splitlines()[0] if str(err) else repr(err)) from err
     if cfg.grad_checkpointing:
@@ -246,21 +243,52 @@ def call_loss(loss_fn, image_features, text_features, logit_scale, batch: dict, 
     return loss_fn(image_features, text_features, logit_scale, **extras)
 
 
+def unpaired_pools(cfg) -> dict | None:
+    """The pools' shards, checked before the first step: None when the run has no unpaired data."""
+    if cfg.batching == "aligned":
+        if not cfg.images:
+            raise ValueError("unpaired.batching aligned draws from train.unpaired.images: set it")
+        images = nonempty_shards(cfg.images)
+        if not has_captions(images[0]):
+            raise ValueError(f"unpaired.batching aligned needs pool images that carry their caption (txt); {images[0]} "
+                             "has none: re-export the pools with `softcurate curate --export`")
+        return {"images": images}
+    if not (cfg.images or cfg.texts):
+        return None
+    if not (cfg.images and cfg.texts):
+        raise ValueError("unpaired training needs both train.unpaired.images and train.unpaired.texts")
+    return {"images": nonempty_shards(cfg.images), "texts": nonempty_shards(cfg.texts)}
+
+
 class UnpairedStreams:
-    """MMCL's unpaired images and texts: pseudo-paired each step, joint or after the paired stage."""
+    """MMCL's unpaired images and texts: pseudo-paired each step, joint or after the paired stage.
+
+    independent: two streams, each pool shuffled on its own. aligned: one stream of the image pool's rows
+    with their captions, so a batch holds its images' partners; the unpaired loss pairs by similarity
+    (top-K or the teacher's argmax) and never by position, so this hides the correspondence as the
+    authors' experiment does (METHODS.md section 5)."""
 
     def __init__(self, cfg, pools: dict, preprocess, tokenizer, env):
         self.cfg, self.env = cfg.unpaired, env
-        self.images = endless(pools["images"], preprocess, tokenizer, cfg.unpaired.batch_size, "image", cfg.seed)
-        self.texts = endless(pools["texts"], preprocess, tokenizer, cfg.unpaired.batch_size, "text", cfg.seed)
+        size = cfg.unpaired.batch_size
+        if "texts" in pools:
+            self.images = endless(pools["images"], preprocess, tokenizer, size, "image", cfg.seed)
+            self.texts = endless(pools["texts"], preprocess, tokenizer, size, "text", cfg.seed)
+        else:
+            self.rows = endless(pools["images"], preprocess, tokenizer, size, "pair", cfg.seed, complete_only=True)
         self.loss = UnpairedLoss()
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if hasattr(self, "rows"):
+            batch = next(self.rows)
+            return batch["image"], batch["text"]
+        return next(self.images)["image"], next(self.texts)["text"]
 
     def add_terms(self, terms: dict, model, teacher, logit_scale, step: int, total_steps: int) -> dict:
         paired_stage = self.cfg.schedule == "sequential" and step < self.cfg.paired_fraction * total_steps
         if paired_stage:
             return terms
-        images = next(self.images)["image"].to(self.env.device)
-        texts = next(self.texts)["text"].to(self.env.device)
+        images, texts = (x.to(self.env.device) for x in self.next_batch())
         inner = model.module if hasattr(model, "module") else model
         u, v = inner.encode_image(images, normalize=True), inner.encode_text(texts, normalize=True)
         pairs = None
@@ -275,11 +303,11 @@ class UnpairedStreams:
         return {**terms, "loss": total, **{f"unpaired_{k}": t for k, t in unpaired.items()}}
 
 
-def endless(urls, preprocess, tokenizer, batch_size: int, modality: str, seed: int):
+def endless(urls, preprocess, tokenizer, batch_size: int, modality: str, seed: int, complete_only: bool = False):
     epoch = 0
     while True:
         yield from make_pipeline(urls, preprocess, tokenizer, batch_size, seed=seed + 1, epoch=epoch,
-                                 batches_per_worker=1_000, modality=modality)
+                                 batches_per_worker=1_000, modality=modality, complete_only=complete_only)
         epoch += 1
 
 
