@@ -101,3 +101,27 @@ def test_soft_target_mass_follows_what_the_embedding_encodes():
     m = soft.target_mass(x, {"colour": colour, "shape": shape}, tau=0.05, batch=128, draws=20, seed=0)
     assert m["colour"] > 0.9 and m["colour chance"] == pytest.approx(1 / 6, abs=0.02)
     assert m["shape"] == pytest.approx(m["shape chance"], abs=0.03)
+
+
+def test_pseudo_pair_accuracy_follows_the_batching():
+    """bench/pseudo_pairs.py: with embeddings that know every pair, aligned batches find the true caption of
+    each clean row and of nothing else; independent batches rarely hold it at all."""
+    import numpy as np
+    import polars as pl
+
+    spec = importlib.util.spec_from_file_location("pseudo_pairs", ROOT / "bench" / "pseudo_pairs.py")
+    pseudo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pseudo)
+    n, rng = 2000, np.random.default_rng(0)
+    truth = [f"scene {i}" for i in range(n)]
+    noisy = rng.random(n) < 0.4
+    caption = [f"scene {(i + 1) % n}" if bad else truth[i] for i, bad in enumerate(noisy)]  # a noisy row: another's caption
+    scene = rng.standard_normal((n, 32))
+    described = [int(c.split()[1]) for c in caption]
+    rows = pl.DataFrame({"teacher_image_emb": scene, "teacher_text_emb": scene[described],
+                         "caption": caption, "clean_caption": truth})
+    aligned = pseudo.draw(rows, "aligned", 64, 50, seed=0)
+    independent = pseudo.draw(rows, "independent", 64, 50, seed=0)
+    assert aligned["true caption in batch"] == pytest.approx(1 - noisy.mean(), abs=0.03)
+    assert aligned["argmax text is true"] == pytest.approx(aligned["true caption in batch"], abs=0.02)
+    assert independent["true caption in batch"] < 0.1 and independent["argmax text is true"] < 0.1
