@@ -272,23 +272,19 @@ class UnpairedStreams:
         self.cfg, self.env = cfg.unpaired, env
         size = cfg.unpaired.batch_size
         if "texts" in pools:
-            self.images = endless(pools["images"], preprocess, tokenizer, size, "image", cfg.seed)
-            self.texts = endless(pools["texts"], preprocess, tokenizer, size, "text", cfg.seed)
+            streams = zip(endless(pools["images"], preprocess, tokenizer, size, "image", cfg.seed),
+                          endless(pools["texts"], preprocess, tokenizer, size, "text", cfg.seed))
         else:
-            self.rows = endless(pools["images"], preprocess, tokenizer, size, "pair", cfg.seed, complete_only=True)
+            streams = ((rows, rows) for rows in endless(pools["images"], preprocess, tokenizer, size, "pair",
+                                                         cfg.seed, complete_only=True))
+        self.batches = ((images["image"], texts["text"]) for images, texts in streams)
         self.loss = UnpairedLoss()
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if hasattr(self, "rows"):
-            batch = next(self.rows)
-            return batch["image"], batch["text"]
-        return next(self.images)["image"], next(self.texts)["text"]
 
     def add_terms(self, terms: dict, model, teacher, logit_scale, step: int, total_steps: int) -> dict:
         paired_stage = self.cfg.schedule == "sequential" and step < self.cfg.paired_fraction * total_steps
         if paired_stage:
             return terms
-        images, texts = (x.to(self.env.device) for x in self.next_batch())
+        images, texts = (x.to(self.env.device) for x in next(self.batches))
         inner = model.module if hasattr(model, "module") else model
         u, v = inner.encode_image(images, normalize=True), inner.encode_text(texts, normalize=True)
         pairs = None
