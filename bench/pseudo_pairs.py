@@ -14,22 +14,20 @@ from that efficacy row's best checkpoint at seed 0) a true caption of it.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
-import webdataset as wds
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipelines.config import join, load_config  # noqa: E402
 from pipelines.curate import load_scores  # noqa: E402
 from pipelines.manifest import read_json  # noqa: E402
 from pipelines.world import read_truth  # noqa: E402
-from train.evaluate import batched_encode  # noqa: E402
+from train.data import make_pipeline  # noqa: E402
+from train.evaluate import encode  # noqa: E402
 from train.losses import teacher_pairs  # noqa: E402
 from train.losses.clip import flat  # noqa: E402
 from train.models import create_model  # noqa: E402
@@ -44,20 +42,19 @@ def pool_rows(config) -> pl.DataFrame:
 
 
 def student_embeddings(config, row: str) -> pl.DataFrame:
-    """The image pool's rows (images with their rejected captions) embedded by a row's best checkpoint."""
+    """The image pool's rows (images with their rejected captions) embedded by a row's best checkpoint,
+    read as the aligned stream reads them (`make_pipeline(..., complete_only=True)`), each row once."""
     checkpoint = join(config.root, "runs", f"compare_{row}_s0", "checkpoints", "best.pt")
     model, _, preprocess, tokenizer = create_model(config.train.model, checkpoint)
     pool = read_json(join(config.curate_dir(), "_summary.json"))["export"]["unpaired_images"]["urls"]
     keys, images, texts = [], [], []
-    for sample in wds.WebDataset(pool, shardshuffle=False):
-        if "txt" in sample:
-            keys.append(sample["__key__"])
-            images.append(preprocess(Image.open(io.BytesIO(sample["jpg"])).convert("RGB")))
-            texts.append(tokenizer([sample["txt"].decode("utf-8")])[0])
     model.eval()
-    return pl.DataFrame({"key": keys,
-                         "teacher_image_emb": flat(batched_encode(model, "cpu", images=torch.stack(images))).numpy(),
-                         "teacher_text_emb": flat(batched_encode(model, "cpu", texts=texts)).numpy()})
+    for batch in make_pipeline(pool, preprocess, tokenizer, 256, complete_only=True):
+        keys += batch["key"]
+        images.append(flat(encode(model, images=batch["image"])))
+        texts.append(flat(encode(model, texts=batch["text"])))
+    return pl.DataFrame({"key": keys, "teacher_image_emb": torch.cat(images).numpy(),
+                         "teacher_text_emb": torch.cat(texts).numpy()})
 
 
 def unit(column: pl.Series) -> torch.Tensor:

@@ -114,15 +114,13 @@ def export_shards(config: Config, decisions: pl.DataFrame, scores: pl.DataFrame,
                 meta = json.loads(sample.get("json", b"{}"))
                 meta["softcurate"] = {k: v for k, v in by_key[key].items() if k != "key"}
                 curated.write({"__key__": key, "jpg": sample["jpg"], "txt": sample["txt"], "json": json.dumps(meta)})
-            elif reason.startswith(MISMATCH) or reason.startswith("not scored"):
-                error = reason.removeprefix("not scored: ")
-                if "jpg" in sample and (reason.startswith(MISMATCH) or error in CAPTION_ERRORS):
-                    image = {"__key__": key, "jpg": sample["jpg"], "json": sample.get("json", b"{}")}
-                    if reason.startswith(MISMATCH) and "txt" in sample:
-                        image["txt"] = sample["txt"]  # its rejected caption: for MMCL's aligned batching
-                    pools["images"].write(image)
-                if "txt" in sample and (reason.startswith(MISMATCH) or error not in CAPTION_ERRORS):
-                    pools["texts"].write({"__key__": key, "txt": sample["txt"], "json": sample.get("json", b"{}")})
+            elif (mismatch := reason.startswith(MISMATCH)) or reason.startswith("not scored"):
+                error, meta = reason.removeprefix("not scored: "), sample.get("json", b"{}")
+                if "jpg" in sample and (mismatch or error in CAPTION_ERRORS):
+                    caption = {"txt": sample["txt"]} if mismatch and "txt" in sample else {}  # for MMCL's aligned batching
+                    pools["images"].write({"__key__": key, "jpg": sample["jpg"], "json": meta, **caption})
+                if "txt" in sample and (mismatch or error not in CAPTION_ERRORS):
+                    pools["texts"].write({"__key__": key, "txt": sample["txt"], "json": meta})
         for key, caption in failed_downloads(config, name):  # captions whose image never arrived
             pools["texts"].write({"__key__": key, "txt": caption.encode("utf-8"), "json": json.dumps({"key": key})})
     return {"shards": curated.close(), "unpaired_images": pools["images"].close(), "unpaired_texts": pools["texts"].close()}

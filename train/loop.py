@@ -272,12 +272,12 @@ class UnpairedStreams:
         self.cfg, self.env = cfg.unpaired, env
         size = cfg.unpaired.batch_size
         if "texts" in pools:
-            streams = zip(endless(pools["images"], preprocess, tokenizer, size, "image", cfg.seed),
-                          endless(pools["texts"], preprocess, tokenizer, size, "text", cfg.seed))
+            images = endless(pools["images"], preprocess, tokenizer, size, "image", cfg.seed)
+            texts = endless(pools["texts"], preprocess, tokenizer, size, "text", cfg.seed)
+            self.batches = ((i["image"], t["text"]) for i, t in zip(images, texts))
         else:
-            streams = ((rows, rows) for rows in endless(pools["images"], preprocess, tokenizer, size, "pair",
-                                                         cfg.seed, complete_only=True))
-        self.batches = ((images["image"], texts["text"]) for images, texts in streams)
+            rows = endless(pools["images"], preprocess, tokenizer, size, "pair", cfg.seed, complete_only=True)
+            self.batches = ((r["image"], r["text"]) for r in rows)
         self.loss = UnpairedLoss()
 
     def add_terms(self, terms: dict, model, teacher, logit_scale, step: int, total_steps: int) -> dict:
