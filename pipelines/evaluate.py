@@ -115,7 +115,8 @@ def evaluate_checkpoint(config: Config, checkpoint: str) -> dict:
         result["retrieval"] = with_dn(retrieval, means, image=image, text=text, lam=cfg.dn_lambda)
     if data == world_test:
         for task, task_templates in WORLD_TASKS.items():
-            result["zero_shot"][task] = world_task(model, tokenizer, device, data, preprocess, task, task_templates, means, cfg)
+            result["zero_shot"][task] = world_task(model, tokenizer, device, image, split["metas"], task, task_templates,
+                                                   means, cfg)
     elif cfg.classnames:
         classnames = read_classnames(cfg.classnames)
         labels = [lab if isinstance(lab, int) else classnames.index(lab) for lab in split["labels"]]
@@ -127,18 +128,17 @@ def evaluate_checkpoint(config: Config, checkpoint: str) -> dict:
     return result
 
 
-def world_task(model, tokenizer, device, data, preprocess, task, templates, means, cfg) -> dict:
-    """Zero-shot on the world's one-object test images (with several objects the label is ambiguous)."""
+def world_task(model, tokenizer, device, image, metas, task, templates, means, cfg) -> dict:
+    """Zero-shot on the world's one-object test images (with several objects the label is ambiguous),
+    from the split's features already encoded for retrieval."""
     from pipelines.world import VOCAB
-    from train.data import expand_urls
 
-    split = read_split(expand_urls(data), preprocess, tokenizer, task, keep=lambda meta: len(meta["objects"]) == 1)
+    one = [i for i, meta in enumerate(metas) if len(meta["objects"]) == 1]
     classnames = list(VOCAB[task])
-    image = batched_encode(model, device, images=split["images"])
     classes = class_embeddings(model, tokenizer, classnames, templates, device)
-    labels = torch.tensor([classnames.index(label) for label in split["labels"]])
-    return {**with_dn(zero_shot, means, image=image, classes=classes, labels=labels, lam=cfg.dn_lambda),
-            "images": len(image), "classes": len(classnames)}
+    labels = torch.tensor([classnames.index(metas[i][task]) for i in one])
+    return {**with_dn(zero_shot, means, image=image[one], classes=classes, labels=labels, lam=cfg.dn_lambda),
+            "images": len(one), "classes": len(classnames)}
 
 
 def seeded_means(image, text, cfg, model=None, preprocess=None, tokenizer=None, device=None, source=None) -> list:
