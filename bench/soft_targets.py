@@ -3,7 +3,7 @@
     python bench/soft_targets.py configs/efficacy/noise20.yaml configs/efficacy/noise40.yaml
 
 For random training batches of each world (its scores and truth table, as the config places them),
-the intra-modal target of METHODS.md section 1, q[i,:] = softmax_j(<a_i, a_j> / tau_s) from the score
+the intra-modal target of docs/METHODS.md section 1, q[i,:] = softmax_j(<a_i, a_j> / tau_s) from the score
 stage's teacher embeddings at the teacher's own temperature, and where its off-diagonal mass goes: to
 pairs whose (first) object has the same colour, the same shape, or both, against the share of such
 pairs in the batch (what a target blind to that attribute would give). A target that "partly

@@ -1,4 +1,4 @@
-"""Per-pair noise scores (METHODS.md section 3): posterior at the teacher's temperature, loss, mixture.
+"""Per-pair noise scores (docs/METHODS.md section 3): posterior at the teacher's temperature, loss, mixture.
 
 Plain functions on arrays. Inputs are L2-normalised (and, for the posterior, DN-centred) embeddings;
 the teacher's learned inverse temperature `scale` = exp(logit_scale).
@@ -97,7 +97,7 @@ def clean_probability(mixture: dict, losses: np.ndarray) -> np.ndarray:
 def temperature_noise_indicator(scale: float, positive_sim: np.ndarray, negative_sim: np.ndarray, batch: int) -> float:
     """eta_hat = (N-1) / ((N-1) + exp(s * Delta)), Delta = mean positive - mean negative similarity.
 
-    The toy equilibrium of METHODS.md section 2 inverted: a relative indicator of how noisy the data
+    The toy equilibrium of docs/METHODS.md section 2 inverted: a relative indicator of how noisy the data
     the teacher saw was (compare datasets with it), never the noise rate itself.
     """
     delta = float(np.mean(positive_sim) - np.mean(negative_sim))

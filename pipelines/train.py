@@ -53,7 +53,7 @@ def resolve(config: Config) -> Config:
         update["shards"] = "::".join(join(config.shard_dir(), name) for name in done["shards"])
     summary = read_json(join(config.score_dir(), "_summary.json"))
     if cfg.loss == "softclip" and "tau_s" not in cfg.loss_args and summary:
-        # SoftCLIP's teacher targets at the temperature the teacher learned (METHODS.md section 1)
+        # SoftCLIP's teacher targets at the temperature the teacher learned (docs/METHODS.md section 1)
         update["loss_args"] = {**cfg.loss_args, "tau_s": summary["teacher"]["tau_s"]}
     if not cfg.val_shards and config.world is not None and Path(config.world_dir(), "val.tar").exists():
         update["val_shards"] = join(config.world_dir(), "val.tar")

@@ -1,4 +1,4 @@
-"""The training losses (METHODS.md sections 1, 2, 5): each reduces to the CLIP loss in its degenerate
+"""The training losses (docs/METHODS.md sections 1, 2, 5): each reduces to the CLIP loss in its degenerate
 setting, matches a straight-from-the-formula reference, passes gradcheck, is invariant to permuting
 the batch, and, on two gloo processes, its local loss averaged over ranks is the single-process
 loss of the global batch with the gradients that makes DDP exact."""
@@ -41,7 +41,7 @@ def scale(value: float) -> torch.Tensor:
 
 
 def reference_clip(v, t, s):
-    """L_clip straight from METHODS.md: 1/2 [CE(s V T^T, I) + CE(s T V^T, I)]."""
+    """L_clip straight from docs/METHODS.md: 1/2 [CE(s V T^T, I) + CE(s T V^T, I)]."""
     logits = s * v @ t.T
     labels = torch.arange(len(v))
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
@@ -142,7 +142,7 @@ def test_mmcl_linear_matches_a_hand_computation():
 
 # ------------------------------------------------------------------ SoftCLIP against its formula
 def reference_softclip(v, t, s, a, b, tau_s, alpha, beta):
-    """METHODS.md section 1 written out: q/(1 - q_ii) divided as printed, pneg by an explicit sum."""
+    """docs/METHODS.md section 1 written out: q/(1 - q_ii) divided as printed, pneg by an explicit sum."""
     n = len(v)
     logits = s * v @ t.T
     eye = torch.eye(n, dtype=D64)

@@ -1,5 +1,5 @@
 """Evaluation: zero-shot classification and image-text retrieval, each with the dot product and with
-Distribution Normalization (METHODS.md section 4; Zhou et al., NeurIPS 2023).
+Distribution Normalization (docs/METHODS.md section 4; Zhou et al., NeurIPS 2023).
 
 Features are kept as (N, K, d), K tokens of d dims each normalised on its own (K = 1 for stock
 CLIP, K > 1 for oblique towers), so one code path scores both: sim(u, v) = sum_k <u_k, v_k>.

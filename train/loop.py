@@ -139,7 +139,7 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
                     break
                 lr = schedule(step)
                 skipped += batch["skipped"]
-                if cfg.text_targets == "sentence":  # S_T from the sentence-transformers teacher (METHODS.md section 1)
+                if cfg.text_targets == "sentence":  # S_T from the sentence-transformers teacher (docs/METHODS.md section 1)
                     batch["teacher_text_emb"] = batch["text_teacher_emb"]
                 terms = train_step(ddp, model, loss_fn, optimizer, batch, env, autocast, cfg.grad_clip, scale_range,
                                    unpaired, teacher, step, total_steps)
@@ -266,7 +266,7 @@ class UnpairedStreams:
     independent: two streams, each pool shuffled on its own. aligned: one stream of the image pool's rows
     with their captions, so a batch holds its images' partners; the unpaired loss pairs by similarity
     (top-K or the teacher's argmax) and never by position, so this hides the correspondence as the
-    authors' experiment does (METHODS.md section 5)."""
+    authors' experiment does (docs/METHODS.md section 5)."""
 
     def __init__(self, cfg, pools: dict, preprocess, tokenizer, env):
         self.cfg, self.env = cfg.unpaired, env

@@ -1,4 +1,4 @@
-"""Multi-token oblique CLIP towers (METHODS.md section 2; Sun, arXiv 2209.02127).
+"""Multi-token oblique CLIP towers (docs/METHODS.md section 2; Sun, arXiv 2209.02127).
 
 An oblique model embeds an image or a caption as K tokens, each projected by ONE shared matrix to
 D/K dims and L2-normalised on its own: a point on OB(D/K, K) = (S^{D/K-1})^K. Two points compare by

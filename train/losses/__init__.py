@@ -1,4 +1,4 @@
-"""The training objectives, one small module each (METHODS.md); every forward returns a dict of named
+"""The training objectives, one small module each (docs/METHODS.md); every forward returns a dict of named
 terms with "loss" the total to backpropagate.
 
     clip      ClipLoss       symmetric InfoNCE, local loss against gathered features

@@ -1,4 +1,4 @@
-"""CLIP's symmetric InfoNCE (METHODS.md, the baseline every other loss reduces to).
+"""CLIP's symmetric InfoNCE (docs/METHODS.md, the baseline every other loss reduces to).
 
     logits = s * V T^T,   L_clip = 1/2 [ CE(logits, I) + CE(logits^T, I) ]   (rows are the softmax axis)
 

@@ -1,4 +1,4 @@
-"""Multimodal contrastive learning with unpaired data (METHODS.md section 5; Nakada et al., AISTATS 2023).
+"""Multimodal contrastive learning with unpaired data (docs/METHODS.md section 5; Nakada et al., AISTATS 2023).
 
 MMCLLoss, the general family on similarities s_ij = <v_i, t_j> (encoders G1, G2: v = G1 x, t = G2 y):
 
@@ -30,7 +30,7 @@ UnpairedLoss, pseudo-pairing of m unpaired images and m unpaired texts, S = logi
 
 or, with `pairs` from a frozen teacher (`teacher_pairs`: argmax partner per row and per column),
 rows take their row partner and columns their column partner as positive. It is local to the
-process (not gathered). `joint` adds gamma * L_u to the paired terms (METHODS.md: L_pairs + gamma L_u).
+process (not gathered). `joint` adds gamma * L_u to the paired terms (docs/METHODS.md: L_pairs + gamma L_u).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Symmetric InfoNCE on the oblique manifold (METHODS.md section 2; Sun, arXiv 2209.02127).
+"""Symmetric InfoNCE on the oblique manifold (docs/METHODS.md section 2; Sun, arXiv 2209.02127).
 
 Features are K tokens per sample, (N, K, d/K); each token is L2-normalised on its own, so a sample is
 a point of OB(d/K, K) = (S^{d/K-1})^K, and two samples compare token k against token k:
@@ -13,7 +13,7 @@ Logit scale. The similarity range grows from [-1, 1] to [-K, K], so the scale CL
 1/0.07, cap 100) would make logits K times larger. The authors' released model code
 (github.com/minogame/clip-mtob, modeling_clip_helper_mtob.py) uses the bare sum as logits: s = 1
 in effect, at K = 16 a logit range of +-16, about CLIP's initial +-14.3. We keep s learnable
-(its learned value is METHODS.md's noise indicator) with:
+(its learned value is docs/METHODS.md's noise indicator) with:
     logit_scale_init = 1.0   the released model's effective scale (train.loop sets the model's
                              logit scale to it when it builds this loss)
     logit_scale_max  = 6.25  = 100 / 16: at the default K = 16 the logit range can reach CLIP's

@@ -1,4 +1,4 @@
-"""SoftCLIP: soft targets from intra-modal self-similarity (METHODS.md section 1; Gao et al., AAAI 2024).
+"""SoftCLIP: soft targets from intra-modal self-similarity (docs/METHODS.md section 1; Gao et al., AAAI 2024).
 
 From detached features a (image side) and b (text side), for local row i and gathered column j:
 
