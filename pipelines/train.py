@@ -44,7 +44,7 @@ def run_train(config: Config) -> dict:
 def resolve(config: Config) -> Config:
     """Fill the defaults that depend on other stages: shards, validation split, seed."""
     cfg = config.train
-    update = {"seed": cfg.seed if cfg.seed is not None else config.seed}
+    update = {"seed": cfg.seed if cfg.seed is not None else config.seed, "output": config.run_dir()}
     if not cfg.shards:
         done = read_json(join(config.shard_dir(), "_summary.json"))
         if not done or not done["shards"]:
@@ -65,7 +65,7 @@ def train_here(config: Config) -> dict:
 
     cfg = config.train
     try:
-        summary = train(cfg, cfg.shards, config.run_dir(), cfg.val_shards)
+        summary = train(cfg)
     except SetupError as err:
         raise ConfigError(f"train: cannot start: {err}") from None
     if int(os.environ.get("RANK", 0)) == 0:

@@ -147,7 +147,7 @@ def teacher(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("teacher") / "tiny.pt"
     torch.save(create_model("softcurate-tiny")[0].state_dict(), path)
-    return {"model": "softcurate-tiny", "checkpoints": [str(path)], "digests": ["x"], "text_teacher": None,
+    return {"model": "softcurate-tiny", "checkpoints": [str(path)], "digests": ["x"], "sentence_teacher": None,
             "device": "cpu", "bf16": False}
 
 

@@ -94,7 +94,8 @@ def test_scores_joined_by_key_and_filtered(shards, tmp_path):
         pl.DataFrame({"key": keys, "clean_prob": clean,
                       "teacher_image_emb": [[float(int(k) % 5)] * 4 for k in keys]}).write_parquet(
             base / "scores" / f"{shard:05d}.parquet")
-    batches = list(make_pipeline(urls, preprocess, tokenizer, batch_size=8))
+    batches = list(make_pipeline(urls, preprocess, tokenizer, batch_size=8, require_scores=True,
+                                 score_columns=("teacher_image_emb",)))
     for batch in batches:
         expected = torch.tensor([int(k) % 7 / 6 for k in batch["key"]])
         torch.testing.assert_close(batch["clean_prob"], expected)

@@ -98,12 +98,12 @@ def test_rerun_and_resume_give_the_same_bytes(scored, tmp_path):
     assert digests(again) == digests(root / "scores")
 
 
-def test_training_dynamics_text_teacher_and_faiss(scored, tmp_path):
+def test_training_dynamics_sentence_teacher_and_faiss(scored, tmp_path):
     root, first = scored
     out = tmp_path / "dynamics"
     epochs = f"{root}/runs/teacher/checkpoints/epoch_*.pt"
     summary = run_score(config_for(root, f"score.output={out}", f"score.checkpoints=['{epochs}']",
-                                   "score.text_teacher=all-MiniLM-L6-v2", "score.neighbour_search=faiss",
+                                   "score.sentence_teacher=all-MiniLM-L6-v2", "score.neighbour_search=faiss",
                                    "score.faiss_index=IVF8,Flat", "score.nprobe=4"))
     assert len(summary["teacher"]["checkpoints"]) == EPOCHS
     scores = pl.read_parquet(out / "0*.parquet")
@@ -114,7 +114,7 @@ def test_training_dynamics_text_teacher_and_faiss(scored, tmp_path):
     assert [e["checkpoint"] for e in by_epoch] == sorted(e["checkpoint"] for e in by_epoch)
     assert max(e["loss"] for e in by_epoch) > 0.7
     # the sentence-transformers text teacher: unit vectors, identical captions identical
-    text = np.asarray(scores["text_teacher_emb"].to_list(), dtype=np.float32)
+    text = np.asarray(scores["sentence_emb"].to_list(), dtype=np.float32)
     assert text.shape == (N, 384) and np.allclose(np.linalg.norm(text, axis=1), 1.0, atol=2e-3)
     world = pl.read_parquet(root / "world" / "truth.parquet", columns=["row", "caption"])
     with_captions = scores.select("row").with_row_index("i").join(world, on="row")
@@ -203,13 +203,13 @@ def test_softclip_takes_its_text_targets_from_the_sentence_teacher(scored, tmp_p
     copy = tmp_path / "copy"
     for part in ("shards", "runs", "world"):
         shutil.copytree(root / part, copy / part)
-    sentence = ["train.name=sentence", "train.loss=softclip", "train.text_targets=sentence", "train.max_steps=4",
+    sentence = ["train.name=sentence", "train.loss=softclip", "train.loss_args={target: teacher, text_targets: sentence}", "train.max_steps=4",
                 "train.epochs=1", "train.epoch_checkpoints=false", "train.log_every=1"]
-    run_score(config_for(copy, "score.text_teacher=all-MiniLM-L6-v2", "score.neighbours=0"))
+    run_score(config_for(copy, "score.sentence_teacher=all-MiniLM-L6-v2", "score.neighbours=0"))
     result = run_train(config_for(copy, *sentence))
     assert result["steps"] == 4 and np.isfinite(result["last"]["loss"])
     # without sentence embeddings in the scores the run stops before its first step, saying why
     shutil.rmtree(copy / "scores")
     run_score(config_for(copy, "score.neighbours=0"))
-    with pytest.raises(Exception, match="has no text_teacher_emb: score with --text-teacher"):
+    with pytest.raises(Exception, match="has no sentence_emb, which training reads"):
         run_train(config_for(copy, *sentence, "train.name=sentence2"))

@@ -272,3 +272,57 @@ def test_softclip_with_teacher_scores_and_adaptive_alpha(root, tmp_path):
     assert len(curve) == 20 and falls(curve)
     rows = [json.loads(line) for line in (root / "runs" / "softclip_teacher" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["neg"] > 0 and r["soft"] > 0 for r in rows if "loss" in r)
+
+
+@pytest.mark.slow
+def test_a_new_loss_gets_what_it_declares_from_a_config_built_in_a_notebook(root, tmp_path, monkeypatch):
+    """A loss added without touching the loop: it declares a score column, that it takes no weights, and its
+    logit-scale range; `train(TrainConfig(...))` passes the column's values of each batch's keys and keeps
+    s in the range."""
+    import shutil
+
+    import polars as pl
+
+    from train.config import TrainConfig
+    from train.losses import LOSSES, ClipLoss
+    from train.loop import train
+
+    shards = tmp_path / "shards"
+    shutil.copytree(root / "shards", shards)
+    (tmp_path / "scores").mkdir()
+    for path in sorted(shards.glob("0*.parquet")):
+        keys = pl.read_parquet(path).filter(pl.col("status") == "success")["key"]
+        pl.DataFrame({"key": keys, "clean_prob": [0.5] * len(keys),
+                      "noise_hint": [int(k) % 11 / 10 for k in keys]}).write_parquet(tmp_path / "scores" / path.name)
+    seen = []
+
+    class Probe(ClipLoss):
+        score_fields = {"hint": "noise_hint"}
+        takes_weight = False
+        logit_scale_init, logit_scale_min, logit_scale_max = 2.0, 1.5, 2.5
+
+        def forward(self, image_features, text_features, logit_scale, hint):
+            seen.append((hint.clone(), logit_scale.item()))
+            return super().forward(image_features, text_features, logit_scale)
+
+    monkeypatch.setitem(LOSSES, "probe", Probe)
+    # workers=0: the batches come from this process, so the probe's record is ours to read
+    cfg = TrainConfig(shards=f"{shards}/{{00000..00003}}.tar", output=str(tmp_path / "run"), loss="probe", max_steps=6,
+                      batch_size=16, workers=0, threads=1, lr=5e-2, warmup_steps=0, log_every=1)
+    summary = train(cfg)
+    assert summary["steps"] == 6 and len(seen) == 6
+    assert seen[0][1] == pytest.approx(2.0)  # the loss's init, not open_clip's 1/0.07
+    assert all(1.5 - 1e-5 <= scale <= 2.5 + 1e-5 for _, scale in seen)
+    assert any(scale != pytest.approx(2.0) for _, scale in seen[1:])  # it moved, within the range
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 6
+    # the values it got are the scores of the batch's keys, not of other samples
+    hints = torch.cat([h for h, _ in seen])
+    assert set(hints.mul(10).round().tolist()) <= set(range(11)) and hints.std() > 0
+    # a keep-list that weights its pairs is refused for a loss that declares it takes no weights
+    keys = pl.concat([pl.read_parquet(p, columns=["key"]) for p in sorted((tmp_path / "scores").glob("*.parquet"))])["key"]
+    pl.DataFrame({"key": keys, "keep": [True] * len(keys), "weight": [0.5] * len(keys)}).write_parquet(tmp_path / "keep.parquet")
+    from train.loop import SetupError
+
+    with pytest.raises(SetupError, match="weights its pairs, but the probe loss takes no weights"):
+        train(cfg.model_copy(update={"keep_list": str(tmp_path / "keep.parquet"), "output": str(tmp_path / "run2")}))

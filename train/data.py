@@ -1,8 +1,8 @@
 """The WebDataset pipeline the train stage reads: shards -> decoded, tokenised, score-joined batches.
 
-Shards are those of the shard stage (img2dataset's layout). When the score stage has written
-`<root>/scores/NNNNN.parquet` beside `<root>/shards/NNNNN.tar`, each sample is joined with its row
-by key (teacher embeddings, clean_prob, ...) and may be filtered on clean_prob.
+Shards are those of the shard stage (img2dataset's layout). When training reads scores (a loss's
+score_fields, a clean_prob filter), each sample is joined by key with its row of the score stage's
+`<root>/scores/NNNNN.parquet` beside `<root>/shards/NNNNN.tar` and may be filtered on clean_prob.
 """
 
 from __future__ import annotations
@@ -98,11 +98,6 @@ def scores_path(shard_url: str) -> str:
     return f"{head}/scores/{name.removesuffix('.tar')}.parquet"
 
 
-# what training reads of a scores file (the losses' SCORE_FIELDS and the clean_prob filter); the
-# neighbour lists and the other scores would triple the cost of loading a shard's scores in each worker
-TRAIN_SCORE_COLUMNS = ("key", "clean_prob", "teacher_image_emb", "teacher_text_emb", "text_teacher_emb")
-
-
 def load_scores(path: str, columns: tuple[str, ...] | None = None) -> dict[str, dict] | None:
     """One shard's scores by key (those of `columns` the file has), or None when the score stage has
     not written them.
@@ -122,18 +117,18 @@ def load_scores(path: str, columns: tuple[str, ...] | None = None) -> dict[str, 
     return {row["key"]: row for row in table.to_pylist()}
 
 
-def scores_columns(shard_url: str) -> list[str]:
-    with fsspec.open(scores_path(shard_url), "rb") as f:
-        return pq.ParquetFile(f).schema_arrow.names
-
-
-def check_scores(urls: list[str]) -> None:
-    """Before training on scores: every shard has a scores file that covers every one of its samples."""
+def check_scores(urls: list[str], columns: list[str] = ()) -> None:
+    """Before training on scores: every shard has a scores file with `columns` that covers every one of its samples."""
     for url in urls:
         path = scores_path(url)
         rows = load_scores(path, ("key",))
         if rows is None:
             raise FileNotFoundError(f"{path}: missing; the loss needs the score stage's output for {url}")
+        with fsspec.open(path, "rb") as f:
+            absent = [c for c in columns if c not in pq.ParquetFile(f).schema_arrow.names]
+        if absent:
+            raise ValueError(f"{path} has no {', '.join(absent)}, which training reads; re-run the score stage with "
+                           "the setting that writes it (sentence_emb: score.sentence_teacher)")
         with fsspec.open(url.removesuffix(".tar") + ".parquet", "rb") as f:
             shard = pq.read_table(f, columns=["key", "status"], use_threads=False).to_pydict()
         keys = {k for k, status in zip(shard["key"], shard["status"]) if status == "success"}
@@ -144,15 +139,17 @@ def check_scores(urls: list[str]) -> None:
 
 
 class ScoreJoin:
-    """Adds each sample's scores row; holds one shard's table at a time (samples arrive shard by shard)."""
+    """Adds each sample's scores row (only `columns`: the neighbour lists and the other scores would triple
+    the cost of loading a shard's scores in each worker); holds one shard's table at a time (samples
+    arrive shard by shard)."""
 
-    def __init__(self, required: bool):
-        self.required, self.path, self.rows = required, None, None
+    def __init__(self, required: bool, columns: tuple[str, ...]):
+        self.required, self.columns, self.path, self.rows = required, columns, None, None
 
     def __call__(self, sample: dict) -> dict:
         path = scores_path(sample["__url__"])
         if path != self.path:
-            self.path, self.rows = path, load_scores(path, TRAIN_SCORE_COLUMNS)
+            self.path, self.rows = path, load_scores(path, self.columns)
         row = self.rows.get(sample["__key__"]) if self.rows is not None else None
         if row is None and self.required:
             raise KeyError(f"{sample['__url__']}: no scores for sample {sample['__key__']}")
@@ -212,7 +209,7 @@ def worker_seed(seed: int, epoch: int) -> int:
 
 def make_pipeline(urls: str | list[str], preprocess, tokenizer, batch_size: int, *, seed: int = 0,
                   epoch: int = 0, batches_per_worker: int | None = None, shuffle_buffer: int = 1000,
-                  min_clean_prob: float | None = None, require_scores: bool = False,
+                  min_clean_prob: float | None = None, require_scores: bool = False, score_columns: tuple[str, ...] = (),
                   modality: str = "pair", keep_list: str | None = None, complete_only: bool = False) -> wds.DataPipeline:
     """The webdataset idiom: shard list -> split by node and worker -> samples -> decode -> batch.
 
@@ -236,7 +233,8 @@ def make_pipeline(urls: str | list[str], preprocess, tokenizer, batch_size: int,
     # from different shards and ScoreJoin would reload a scores file for almost every sample
     if keep_list:
         stages.append(wds.select(KeepList(keep_list)))
-    stages += [wds.map(ScoreJoin(required=require_scores or min_clean_prob is not None))]
+    if require_scores or min_clean_prob is not None:
+        stages.append(wds.map(ScoreJoin(True, ("key", "clean_prob", *score_columns))))
     if min_clean_prob is not None:
         stages.append(wds.select(lambda s: s["scores"]["clean_prob"] >= min_clean_prob))
     stages += [wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(seed * 7919 + epoch))] \

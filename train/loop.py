@@ -1,14 +1,14 @@
 """The training loop: AdamW with warmup + cosine, clipping, AMP, DDP under torchrun, checkpoints, exact resume.
 
-`train(cfg, shards, out_dir)` reads its settings from `cfg` (any object with the attributes of
-pipelines.config.TrainConfig), so a notebook can pass a SimpleNamespace. Run it under `torchrun`
-for several processes: gloo on the CPU, NCCL on GPUs, no code change.
+`train(cfg)` takes a train.config.TrainConfig (shards, output and every setting), built by the train
+stage from YAML or in a notebook in a line. Run it under `torchrun` for several processes: gloo on the
+CPU, NCCL on GPUs, no code change. The loss says what it needs (its score_fields, takes_weight and
+logit-scale range, train/losses/clip.py); the loop reads nothing else of it.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import math
 import shutil
@@ -16,7 +16,9 @@ import signal
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -32,74 +34,57 @@ from train.data import (
     keep_list_summary,
     make_pipeline,
     nonempty_shards,
-    scores_columns,
-    scores_path,
 )
-from train.distributed import init_distributed
+from train.distributed import DistEnv, init_distributed
 from train.evaluate import retrieval_recall
-from train.losses import UnpairedLoss, build_loss, teacher_pairs
+from train.losses import UnpairedLoss, build_loss, joint, teacher_pairs
 from train.losses.clip import flat
 from train.models import create_model, load_torch, save_checkpoint, save_torch
 
 NOT_IN_BAR = ("step", "epoch", "lr", "skipped_samples")
-# Batch fields from the score stage, by the loss argument that takes them.
-SCORE_FIELDS = {"teacher_image": "teacher_image_emb", "teacher_text": "teacher_text_emb", "clean_prob": "clean_prob",
-                "weight": "weight"}
 
 
 class SetupError(ValueError):
     """Training cannot start as configured (model, checkpoint, loss, scores); raised before the first step."""
 
 
-def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | None = None) -> dict:
-    out = str(out_dir).rstrip("/")  # a local folder or an fsspec url (s3://...): paths are joined as strings
+@dataclass
+class Run:
+    """One run's parts, built and checked by `setup` before the first step."""
+
+    cfg: Any
+    out: str
+    env: DistEnv
+    urls: list[str]
+    model: torch.nn.Module
+    preprocess_train: Any
+    preprocess_val: Any
+    tokenizer: Any
+    loss_fn: torch.nn.Module
+    pools: dict | None
+    steps_per_epoch: int
+    total_steps: int
+
+
+def train(cfg) -> dict:
     env = init_distributed(cfg.device)
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    torch.manual_seed(seed_of(cfg))  # same initial weights on every rank (DDP also broadcasts rank 0's)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    try:
-        urls = nonempty_shards(shards)
-        model, preprocess_train, preprocess_val, tokenizer = create_model(cfg.model, cfg.pretrained, env.device)
-        if cfg.oblique_k > 1:
-            from train.oblique import make_oblique
-            model = make_oblique(model, cfg.oblique_k).to(env.device)
-        loss_fn = build_loss(cfg.loss, rank=env.rank, world_size=env.world_size, **cfg.loss_args)
-        if needs_scores(loss_fn, cfg):
-            check_scores(urls)
-            if cfg.text_targets == "sentence" and "text_teacher_emb" not in scores_columns(urls[0]):
-                raise ValueError(f"{scores_path(urls[0])} has no text_teacher_emb: score with --text-teacher first")
-        if cfg.keep_list:
-            kept, pairs, weighted = keep_list_summary(cfg.keep_list)
-            if kept == 0:
-                raise ValueError(f"{cfg.keep_list} keeps none of its {pairs} pairs; loosen the curate policy")
-            if weighted and "weight" not in inspect.signature(loss_fn.forward).parameters:
-                raise ValueError(f"{cfg.keep_list} weights its pairs, but the {cfg.loss} loss takes no weights")
-        pools = unpaired_pools(cfg.unpaired)
-    except (ValueError, TypeError, KeyError, RuntimeError, FileNotFoundError) as err:
-        raise SetupError(str(err).splitlines()[0] if str(err) else repr(err)) from err
-    if cfg.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    # log s is kept in [log floor, log cap]: open_clip's [0, log 100] unless the loss sets its own (oblique)
-    scale_range = (math.log(getattr(loss_fn, "logit_scale_min", 1.0)), math.log(getattr(loss_fn, "logit_scale_max", 100.0)))
-    if hasattr(loss_fn, "logit_scale_init"):
-        with torch.no_grad():
-            model.logit_scale.fill_(math.log(loss_fn.logit_scale_init))
+    run = setup(cfg, env)
+    model, out = run.model, run.out
+    scale_range = logit_scale_range(model, run.loss_fn)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if env.world_size > 1 else model
     if cfg.compile:
         ddp = torch.compile(ddp)
-
-    samples = kept if cfg.keep_list else count_samples(urls)
-    steps_per_epoch = max(1, samples // (cfg.batch_size * env.world_size))
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    workers = max(1, cfg.workers)
-    schedule = cosine_lr(optimizer, cfg.lr, cfg.warmup_steps, total_steps)
+    schedule = cosine_lr(optimizer, cfg.lr, cfg.warmup_steps, run.total_steps)
     best = {"val_recall": -1.0, "teacher_recall": -1.0, "epoch_end": 0}  # carried in the checkpoint so resume keeps the best
     step = load_state(f"{out}/checkpoints/latest.pt", model, optimizer, best) if cfg.resume else 0
     # killed between an epoch's last step and the end of its validation: that epoch's end is done again
-    epoch_end_pending = bool(step) and (step % steps_per_epoch == 0 or step == total_steps) and best["epoch_end"] != step
+    epoch_end_pending = bool(step) and at_epoch_end(run, step) and best["epoch_end"] != step
     log = MetricLog(out, step, enabled=env.is_main, redo_validation=epoch_end_pending)
-    unpaired = UnpairedStreams(cfg, pools, preprocess_train, tokenizer, env) if pools else None
+    unpaired = UnpairedStreams(cfg, run.pools, run.preprocess_train, run.tokenizer, env) if run.pools else None
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if unpaired and cfg.unpaired.pairing == "teacher" else None
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg.precision, env.device))
     skipped = 0
@@ -107,8 +92,8 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
     def end_epoch() -> None:
         """Epoch checkpoint and validation, marked in the state so a resumed run neither skips nor repeats them."""
         if cfg.epoch_checkpoints and env.is_main:  # the teacher's training dynamics, for the score stage
-            export(model, cfg.model, f"{out}/checkpoints/epoch_{math.ceil(step / steps_per_epoch):03d}.pt")
-        validate(cfg, model, val_shards, preprocess_val, tokenizer, env, log, step, out, best, teacher)
+            export(model, cfg.model, f"{out}/checkpoints/epoch_{math.ceil(step / run.steps_per_epoch):03d}.pt")
+        validate(run, log, step, best, teacher)
         best["epoch_end"] = step
         if env.is_main:
             log.sync()
@@ -116,33 +101,21 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
 
     if epoch_end_pending:
         end_epoch()
-    bar = tqdm(total=total_steps, initial=step, disable=not env.is_main, unit="step", dynamic_ncols=True, mininterval=1.0)
-
+    bar = tqdm(total=run.total_steps, initial=step, disable=not env.is_main, unit="step", dynamic_ncols=True,
+               mininterval=1.0)
     stop = install_stop_handlers()
     try:
-        while step < total_steps:
-            epoch, skip = divmod(step, steps_per_epoch)
-            # The augmentations' random state (the loader workers' seeds, or this process's own with workers=0)
-            # is a function of seed, epoch and rank, not of what ran before: a run resumed at any step replays it.
-            torch.manual_seed(epoch_seed(cfg.seed, epoch, env.rank))
-            pipeline = make_pipeline(urls, preprocess_train, tokenizer, cfg.batch_size, seed=cfg.seed, epoch=epoch,
-                                     batches_per_worker=math.ceil(steps_per_epoch / workers),
-                                     min_clean_prob=cfg.min_clean_prob, require_scores=needs_scores(loss_fn, cfg),
-                                     keep_list=cfg.keep_list)
-            loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=cfg.workers,
-                                                 pin_memory=env.device.type == "cuda")
+        while step < run.total_steps:
+            epoch, skip = divmod(step, run.steps_per_epoch)
             tick = time.perf_counter()
-            for i, batch in enumerate(loader):
+            for i, batch in enumerate(epoch_loader(run, epoch)):
                 if i < skip:  # resume: replay the epoch's order, skip what was already trained on
                     continue
-                if i >= steps_per_epoch or step >= total_steps:
+                if i >= run.steps_per_epoch or step >= run.total_steps:
                     break
                 lr = schedule(step)
                 skipped += batch["skipped"]
-                if cfg.text_targets == "sentence":  # S_T from the sentence-transformers teacher (docs/METHODS.md section 1)
-                    batch["teacher_text_emb"] = batch["text_teacher_emb"]
-                terms = train_step(ddp, model, loss_fn, optimizer, batch, env, autocast, cfg.grad_clip, scale_range,
-                                   unpaired, teacher, step, total_steps)
+                terms = train_step(run, ddp, optimizer, batch, autocast, scale_range, unpaired, teacher, step)
                 step += 1
                 now = time.perf_counter()
                 rate, tick = cfg.batch_size * env.world_size / (now - tick), now
@@ -151,12 +124,12 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
                 log.write(row, every=cfg.log_every)
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in NOT_IN_BAR})
-                if env.is_main and (step % cfg.checkpoint_every == 0 or step == total_steps):
+                if env.is_main and (step % cfg.checkpoint_every == 0 or step == run.total_steps):
                     log.sync()  # metrics first: a kill between the two leaves them ahead, and resume trims them
                     save_state(f"{out}/checkpoints/latest.pt", model, optimizer, step, best)
                 if stop.is_set():
                     raise KeyboardInterrupt
-            if step % steps_per_epoch == 0 or step == total_steps:
+            if at_epoch_end(run, step):
                 end_epoch()
     except (KeyboardInterrupt, RuntimeError) as err:
         # Stopped between steps (Ctrl-C, SIGTERM, or the data workers killed with us): the state is consistent.
@@ -172,24 +145,85 @@ def train(cfg, shards: str | list[str], out_dir: str | Path, val_shards: str | N
         export(model, cfg.model, f"{out}/checkpoints/final.pt")
     log.close()
     env.barrier()
-    return {"steps": step, "steps_per_epoch": steps_per_epoch, "skipped_samples": skipped, "best_val_recall": best["val_recall"],
-            "final_checkpoint": f"{out}/checkpoints/final.pt", "last": log.last}
+    return {"steps": step, "steps_per_epoch": run.steps_per_epoch, "skipped_samples": skipped,
+            "best_val_recall": best["val_recall"], "final_checkpoint": f"{out}/checkpoints/final.pt", "last": log.last}
 
 
-def train_step(ddp, model, loss_fn, optimizer, batch, env, autocast, grad_clip, scale_range, unpaired, teacher,
-               step: int, total_steps: int) -> dict:
+def seed_of(cfg) -> int:
+    return cfg.seed if cfg.seed is not None else 0
+
+
+def setup(cfg, env: DistEnv) -> Run:
+    """Model, loss and data, each checked against the others: whatever cannot work fails here, before step 1."""
+    try:
+        urls = nonempty_shards(cfg.shards)
+        model, preprocess_train, preprocess_val, tokenizer = create_model(cfg.model, cfg.pretrained, env.device)
+        if cfg.oblique_k > 1:
+            from train.oblique import make_oblique
+            model = make_oblique(model, cfg.oblique_k).to(env.device)
+        loss_fn = build_loss(cfg.loss, rank=env.rank, world_size=env.world_size, **cfg.loss_args)
+        if needs_scores(loss_fn, cfg):
+            check_scores(urls, [*loss_fn.score_fields.values(), *(["clean_prob"] if cfg.min_clean_prob is not None else [])])
+        samples = kept_pairs(cfg.keep_list, cfg.loss, loss_fn) if cfg.keep_list else count_samples(urls)
+        pools = unpaired_pools(cfg.unpaired)
+    except (ValueError, TypeError, KeyError, RuntimeError, FileNotFoundError) as err:
+        raise SetupError(str(err).splitlines()[0] if str(err) else repr(err)) from err
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    steps_per_epoch = max(1, samples // (cfg.batch_size * env.world_size))
+    return Run(cfg, (cfg.output or f"runs/{cfg.name}").rstrip("/"), env, urls, model, preprocess_train, preprocess_val,
+               tokenizer, loss_fn, pools, steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch)
+
+
+def kept_pairs(keep_list: str, loss: str, loss_fn) -> int:
+    kept, pairs, weighted = keep_list_summary(keep_list)
+    if kept == 0:
+        raise ValueError(f"{keep_list} keeps none of its {pairs} pairs; loosen the curate policy")
+    if weighted and not loss_fn.takes_weight:
+        raise ValueError(f"{keep_list} weights its pairs, but the {loss} loss takes no weights")
+    return kept
+
+
+def logit_scale_range(model, loss_fn) -> tuple[float, float]:
+    """The loss's range for log s (the loop clamps to it after each step); s starts at the loss's init, if it sets one."""
+    if loss_fn.logit_scale_init is not None:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(loss_fn.logit_scale_init))
+    return math.log(loss_fn.logit_scale_min), math.log(loss_fn.logit_scale_max)
+
+
+def at_epoch_end(run: Run, step: int) -> bool:
+    return step % run.steps_per_epoch == 0 or step == run.total_steps
+
+
+def epoch_loader(run: Run, epoch: int) -> torch.utils.data.DataLoader:
+    """One epoch's batches. The augmentations' random state (the loader workers' seeds, or this process's
+    own with workers=0) is a function of seed, epoch and rank, not of what ran before: a run resumed at
+    any step replays it."""
+    cfg = run.cfg
+    torch.manual_seed(epoch_seed(seed_of(cfg), epoch, run.env.rank))
+    pipeline = make_pipeline(run.urls, run.preprocess_train, run.tokenizer, cfg.batch_size, seed=seed_of(cfg), epoch=epoch,
+                             batches_per_worker=math.ceil(run.steps_per_epoch / max(1, cfg.workers)),
+                             min_clean_prob=cfg.min_clean_prob, require_scores=needs_scores(run.loss_fn, cfg),
+                             keep_list=cfg.keep_list, score_columns=tuple(run.loss_fn.score_fields.values()))
+    return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=cfg.workers,
+                                       pin_memory=run.env.device.type == "cuda")
+
+
+def train_step(run: Run, ddp, optimizer, batch, autocast, scale_range, unpaired, teacher, step: int) -> dict:
     """One optimiser step on one batch; returns the loss terms (detached by the caller's .item())."""
+    model, device = run.model, run.env.device
     model.train()
     with autocast:
-        image_features, text_features, logit_scale = ddp(batch["image"].to(env.device, non_blocking=True),
-                                                         batch["text"].to(env.device, non_blocking=True))
-        terms = call_loss(loss_fn, image_features, text_features, logit_scale, batch, env.device)
+        image_features, text_features, logit_scale = ddp(batch["image"].to(device, non_blocking=True),
+                                                         batch["text"].to(device, non_blocking=True))
+        terms = call_loss(run.loss_fn, image_features, text_features, logit_scale, batch, device)
         if unpaired is not None:
-            terms = unpaired.add_terms(terms, ddp, teacher, logit_scale, step, total_steps)
+            terms = unpaired.add_terms(terms, ddp, teacher, logit_scale, step, run.total_steps)
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if run.cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), run.cfg.grad_clip)
     optimizer.step()
     with torch.no_grad():
         model.logit_scale.clamp_(*scale_range)
@@ -232,14 +266,14 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 
 def needs_scores(loss_fn, cfg) -> bool:
-    adaptive = getattr(loss_fn, "alpha_min", None) is not None  # noise-adaptive alpha reads clean_prob
-    return cfg.min_clean_prob is not None or (cfg.loss == "softclip" and (loss_fn.target == "teacher" or adaptive))
+    return bool(loss_fn.score_fields) or cfg.min_clean_prob is not None
 
 
 def call_loss(loss_fn, image_features, text_features, logit_scale, batch: dict, device) -> dict:
-    """Pass the score fields a loss asks for (by its forward's argument names) from the batch."""
-    wanted = inspect.signature(loss_fn.forward).parameters
-    extras = {arg: batch[field].to(device) for arg, field in SCORE_FIELDS.items() if arg in wanted and field in batch}
+    """The loss with the batch fields it declares (its score_fields, and the keep-list's weight if it takes one)."""
+    extras = {arg: batch[column].to(device) for arg, column in loss_fn.score_fields.items()}
+    if loss_fn.takes_weight and "weight" in batch:
+        extras["weight"] = batch["weight"].to(device)
     return loss_fn(image_features, text_features, logit_scale, **extras)
 
 
@@ -293,10 +327,7 @@ class UnpairedStreams:
                 pairs = teacher_pairs(flat(teacher.encode_image(images, normalize=True)) @
                                       flat(teacher.encode_text(texts, normalize=True)).T)
         unpaired = self.loss(flat(u), flat(v), logit_scale, pairs=pairs)
-        if self.cfg.schedule == "sequential":
-            return {"loss": unpaired["loss"], **{f"unpaired_{k}": t for k, t in unpaired.items()}}
-        total = terms["loss"] + self.cfg.gamma * unpaired["loss"]
-        return {**terms, "loss": total, **{f"unpaired_{k}": t for k, t in unpaired.items()}}
+        return joint(None if self.cfg.schedule == "sequential" else terms, unpaired, self.cfg.gamma)
 
 
 def endless(urls, preprocess, tokenizer, batch_size: int, modality: str, seed: int, complete_only: bool = False):
@@ -308,14 +339,15 @@ def endless(urls, preprocess, tokenizer, batch_size: int, modality: str, seed: i
 
 
 @torch.no_grad()
-def validate(cfg, model, val_shards, preprocess, tokenizer, env, log, step, out: str, best: dict, teacher) -> None:
+def validate(run: Run, log, step: int, best: dict, teacher) -> None:
     """Mean image<->text R@1 on the clean validation split; keep the best checkpoint (rank 0)."""
-    if not val_shards or not env.is_main:
+    model, env = run.model, run.env
+    if not run.cfg.val_shards or not env.is_main:
         env.barrier()
         return
     model.eval()
     image_features, text_features = [], []
-    for batch in make_pipeline(val_shards, preprocess, tokenizer, 256):
+    for batch in make_pipeline(run.cfg.val_shards, run.preprocess_val, run.tokenizer, 256):
         image_features.append(flat(model.encode_image(batch["image"].to(env.device), normalize=True)).float())
         text_features.append(flat(model.encode_text(batch["text"].to(env.device), normalize=True)).float())
     recall = retrieval_recall(torch.cat(image_features), torch.cat(text_features), ks=(1,))
@@ -323,7 +355,7 @@ def validate(cfg, model, val_shards, preprocess, tokenizer, env, log, step, out:
     log.write({"step": step, "val_recall@1": score, **{f"val_{k}": v for k, v in recall.items()}}, every=1)
     if score > best["val_recall"]:
         best["val_recall"] = score
-        export(model, cfg.model, f"{out}/checkpoints/best.pt")
+        export(model, run.cfg.model, f"{run.out}/checkpoints/best.pt")
     if teacher is not None and score > 1.1 * best["teacher_recall"]:  # MMCL: replace on a 10% gain
         teacher.load_state_dict(model.state_dict())
         best["teacher_recall"] = score

@@ -34,7 +34,18 @@ class ClipLoss(nn.Module):
 
     Features are used as given (the towers normalise them, as in open_clip); logit_scale is s, not
     log s. "i2t" and "t2i" are the two cross-entropies, "loss" their mean.
+
+    What the training loop reads of a loss; a new loss overrides what differs, the loop never looks further:
+        score_fields       forward argument -> the score stage's column the batch must carry for it
+        takes_weight       forward takes `weight`, a weight per pair (the curate stage's keep-list)
+        logit_scale_init   s when training starts (None: the model's own, open_clip's 1/0.07)
+        logit_scale_min/max the range the loop keeps s in after every step (open_clip's [1, 100])
     """
+
+    score_fields: dict[str, str] = {}
+    takes_weight = True
+    logit_scale_init: float | None = None
+    logit_scale_min, logit_scale_max = 1.0, 100.0
 
     def __init__(self, rank: int = 0, world_size: int = 1, gather_with_grad: bool = True):
         super().__init__()

@@ -51,6 +51,8 @@ class MMCLLoss(ClipLoss):
     """forward(image_features, text_features, logit_scale, image_encoder=None, text_encoder=None)
     -> {"loss", "i2t", "t2i", "reg"}; image_encoder / text_encoder are G1 (r, d1) and G2 (r, d2)."""
 
+    takes_weight = False
+
     def __init__(self, choice: str = "clip", tau: float | None = None, eps: float | None = None, rho: float = 0.0,
                  rank: int = 0, world_size: int = 1, gather_with_grad: bool = True):
         super().__init__(rank, world_size, gather_with_grad)
@@ -142,7 +144,10 @@ class UnpairedLoss(nn.Module):
         return mask.view_as(logits)
 
 
-def joint(pair_terms: dict, unpaired_terms: dict, gamma: float) -> dict:
-    """L = L_pairs + gamma * L_u; the unpaired terms are kept as unpaired_<name>."""
-    return {**pair_terms, **{f"unpaired_{name}": term for name, term in unpaired_terms.items()},
-            "loss": pair_terms["loss"] + gamma * unpaired_terms["loss"]}
+def joint(pair_terms: dict | None, unpaired_terms: dict, gamma: float) -> dict:
+    """L = L_pairs + gamma * L_u, or L_u alone without pair terms (the sequential schedule's unpaired stage);
+    the unpaired terms are kept as unpaired_<name>."""
+    unpaired = {f"unpaired_{name}": term for name, term in unpaired_terms.items()}
+    if pair_terms is None:
+        return {"loss": unpaired_terms["loss"], **unpaired}
+    return {**pair_terms, **unpaired, "loss": pair_terms["loss"] + gamma * unpaired_terms["loss"]}

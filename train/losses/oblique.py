@@ -35,6 +35,8 @@ from train.losses.clip import ClipLoss
 class ObliqueLoss(ClipLoss):
     """forward(image_features (N, K, d/K), text_features (N, K, d/K), logit_scale) -> {"loss", "i2t", "t2i"}."""
 
+    takes_weight = False
+
     def __init__(self, logit_scale_init: float = 1.0, logit_scale_max: float = 6.25, logit_scale_min: float = 1.0,
                  rank: int = 0, world_size: int = 1, gather_with_grad: bool = True):
         super().__init__(rank, world_size, gather_with_grad)

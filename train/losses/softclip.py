@@ -26,7 +26,8 @@ over the row count. The tests check both against the formulas above term by term
 
 Sources (`target`):
 - "teacher": a, b are the score stage's teacher embeddings of the batch (teacher_image, teacher_text),
-  L2-normalised here (they arrive as float16) and detached. tau_s defaults to 0.01 = 1/100, the
+  L2-normalised here (they arrive as float16) and detached. text_targets="sentence" takes b from the
+  score stage's sentence-transformers embeddings (sentence_emb) instead of the CLIP teacher's text side. tau_s defaults to 0.01 = 1/100, the
   learned temperature of open_clip's pretrained teachers (their logit scale sits at the cap);
   pass tau_s = 1 / (the teacher's logit scale, scores/_summary.json) for any other teacher.
 - "self": a, b are the student's own features, detached (stop-gradient: otherwise the target
@@ -54,12 +55,19 @@ class SoftClipLoss(ClipLoss):
     """forward(image_features, text_features, logit_scale, teacher_image=None, teacher_text=None,
     clean_prob=None) -> {"loss", "soft", "neg"}."""
 
+    takes_weight = False
+
     def __init__(self, alpha: float = 0.2, beta: float = 1.0, target: str = "teacher", tau_s: float | None = None,
-                 alpha_min: float | None = None, alpha_max: float | None = None,
+                 alpha_min: float | None = None, alpha_max: float | None = None, text_targets: str = "clip",
                  rank: int = 0, world_size: int = 1, gather_with_grad: bool = True):
         super().__init__(rank, world_size, gather_with_grad)
         if target not in ("teacher", "self"):
             raise ValueError(f"SoftClipLoss target must be 'teacher' or 'self', got {target!r}")
+        if text_targets not in ("clip", "sentence"):
+            raise ValueError(f"SoftClipLoss text_targets must be 'clip' or 'sentence', got {text_targets!r}")
+        if text_targets == "sentence" and target != "teacher":
+            raise ValueError("SoftClipLoss text_targets='sentence' takes the score stage's sentence embeddings: "
+                             "it needs target='teacher'")
         if (alpha_min is None) != (alpha_max is None):
             raise ValueError("SoftClipLoss: set both alpha_min and alpha_max for the noise-adaptive alpha, or neither")
         for name, value in (("alpha", alpha), ("alpha_min", alpha_min), ("alpha_max", alpha_max)):
@@ -69,6 +77,12 @@ class SoftClipLoss(ClipLoss):
             raise ValueError(f"SoftClipLoss tau_s must be > 0, got {tau_s}")
         self.alpha, self.beta, self.target, self.tau_s = alpha, beta, target, tau_s
         self.alpha_min, self.alpha_max = alpha_min, alpha_max
+        self.score_fields = {}  # what the batch must carry: teacher embeddings, clean_prob for the adaptive alpha
+        if target == "teacher":
+            self.score_fields.update(teacher_image="teacher_image_emb",
+                                     teacher_text="sentence_emb" if text_targets == "sentence" else "teacher_text_emb")
+        if alpha_min is not None:
+            self.score_fields["clean_prob"] = "clean_prob"
 
     def forward(self, image_features, text_features, logit_scale, teacher_image=None, teacher_text=None,
                 clean_prob=None) -> dict[str, torch.Tensor]:
