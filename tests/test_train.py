@@ -284,8 +284,8 @@ def test_a_new_loss_gets_what_it_declares_from_a_config_built_in_a_notebook(root
     import polars as pl
 
     from train.config import TrainConfig
-    from train.losses import LOSSES, ClipLoss
     from train.loop import train
+    from train.losses import LOSSES, ClipLoss
 
     shards = tmp_path / "shards"
     shutil.copytree(root / "shards", shards)
