@@ -32,17 +32,6 @@ RENAMED = {"input.path": "input"}  # `--input urls.tsv` reads better than `--pat
 INLINE = {"input"}  # sub-sections whose options need no prefix (`--format`, not `--input-format`)
 
 
-def run_world(config: Config) -> dict:
-    from pipelines.world import build_world
-
-    if config.world is None:
-        raise ConfigError("the config lists the world stage but has no world section")
-    summary = build_world(config.world, config.world_dir(), config.seed)
-    print(f"world: {summary['n_train']} train pairs (noise {summary['noise_counts']}), "
-          f"{summary['n_val']} val, {summary['n_test']} test in {summary['dir']}")
-    return summary
-
-
 def stage(name: str):
     """`pipelines.<name>.run_<name>`, imported when the stage runs (so `--help` never imports torch)."""
     def run(config: Config) -> dict:
@@ -51,7 +40,7 @@ def stage(name: str):
     return run
 
 
-STAGES = {"world": run_world, **{name: stage(name) for name in ("shard", "train", "score", "audit", "curate", "evaluate", "compare")}}
+STAGES = {name: stage(name) for name in ("world", "shard", "train", "score", "audit", "curate", "evaluate", "compare")}
 
 
 def model_options(parser: argparse.ArgumentParser, model: type[BaseModel], section: str, prefix: str = "") -> None:

@@ -156,18 +156,28 @@ class AuditConfig(Strict):
 
 
 # ---------------------------------------------------------------- evaluation
+class ZeroShotTask(Strict):
+    """One zero-shot task over the evaluation data: the samples that carry `label_field`."""
+
+    label_field: str = Field(description="a key of each sample's json (a.b for nested keys), or cls for a .cls file")
+    classnames: list[str] | str = Field(description="class names, or a text file with one per line")
+    templates: list[str] = Field([], description="prompt templates with {} for the class name; default: evaluate.templates")
+
+
 class EvaluateConfig(Strict):
     checkpoints: list[str] = option([], "checkpoints (paths or globs; open_clip or oblique); default: the train run's best.pt")
     model: Optional[str] = option(None, "open_clip model name; default: train.model")
-    data: Optional[str] = option(None, "evaluation WebDataset (brace notation); default: the demo world's test.tar")
+    data: Optional[str] = option(None, "evaluation WebDataset (brace notation); the demo world's config: its test.tar")
     label_field: str = option("cls", "the label of each sample: a key of its json, or cls for a .cls file")
     classnames: Optional[str] = option(None, "text file, one class name per line (labels are indices or names)")
+    tasks: dict[str, ZeroShotTask] = option(
+        {}, "named zero-shot tasks (YAML mapping of label_field, classnames, templates); unset: label_field + classnames")
     folder: Optional[str] = option(None, "an image folder per class (zero-shot only), instead of data")
     templates: list[str] = option([], "prompt templates with {} for the class name; default: a small generic set")
     dn_lambda: float = option(0.5, "Distribution Normalization: the share of the mean subtracted", ge=0, le=1)
     dn_samples: int = option(100, "unlabeled samples each DN mean comes from", ge=1)
     dn_seeds: int = option(5, "DN draws (seeds) the spread is reported over", ge=1)
-    dn_data: Optional[str] = option(None, "where DN's unlabeled samples come from; default: the world's val.tar, else data")
+    dn_data: Optional[str] = option(None, "where DN's unlabeled samples come from; default: the evaluation data")
     output: Optional[str] = option(None, "where the JSON results go; default <root>/eval")
     device: str = option("auto", "auto: cuda when available, else cpu")
 
@@ -205,6 +215,8 @@ Stage = Literal["world", "shard", "train", "score", "audit", "curate", "evaluate
 class Config(Strict):
     seed: int = 0
     root: str = "data/demo"  # the dataset root: a local path or any fsspec url
+    truth: Optional[str] = Field(None, description="a labels table (Parquet or CSV): key, url or row, and noisy; "
+                                 "the score, audit and compare stages then report detection quality against it")
     stages: list[Stage] = ["shard"]
     world: Optional[WorldConfig] = None
     shard: ShardConfig = ShardConfig()
@@ -297,7 +309,9 @@ def load_config(path: str | Path | None, overrides: list[str] = (), values: dict
         apply_override(data, item)
     for dotted, value in (values or {}).items():
         set_key(data, dotted, value)
-    return validate(data, where)
+    from pipelines.world import with_world_defaults  # the demo world fills what a config leaves to it
+
+    return with_world_defaults(validate(data, where))
 
 
 def apply_override(data: dict, item: str) -> None:

@@ -1,21 +1,20 @@
 """The evaluate stage: zero-shot and retrieval for any open_clip or oblique checkpoint, dot product and DN.
 
-Data: the demo world's clean test split (zero-shot colour and shape on its one-object images,
-retrieval on every pair), any WebDataset with a label field and a class-name list, or an image
-folder per class (zero-shot only). DN's means come from `dn_samples` unlabeled samples of the
-world's validation split (or of the evaluation data), one draw per seed; the table reports the
-mean and the spread over seeds.
+Data: any WebDataset (retrieval on every pair with a caption; zero-shot tasks over the samples that
+carry each task's label field, with a class-name list), or an image folder per class (zero-shot
+only). The demo world's config supplies its clean test split and two tasks, colour and shape on its
+one-object images. DN's means come from `dn_samples` unlabeled samples of `dn_data` (or of the
+evaluation data), one draw per seed; the table reports the mean and the spread over seeds.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import fsspec
 import torch
 
-from pipelines.config import Config, ConfigError, expand_globs, join
+from pipelines.config import Config, ConfigError, ZeroShotTask, expand_globs, join
 from pipelines.manifest import record_stage, write_json
 from train.evaluate import (
     TEMPLATES,
@@ -28,11 +27,6 @@ from train.evaluate import (
     with_dn,
     zero_shot,
 )
-
-WORLD_TASKS = {  # the demo world's labels, prompted the way its captions speak
-    "colour": ("a photo of a {} thing.", "an image showing a {} object.", "a picture of something {}."),
-    "shape": ("a photo of a {}.", "an image showing a {}.", "a picture of a {}."),
-}
 
 
 def run_evaluate(config: Config) -> dict:
@@ -91,7 +85,6 @@ def evaluate_checkpoint(config: Config, checkpoint: str) -> dict:
     result = {"checkpoint": checkpoint, "model": cfg.model or config.train.model,
               "oblique_k": int(getattr(model, "oblique_k", 1)), "dn_lambda": cfg.dn_lambda,
               "dn_samples": cfg.dn_samples, "dn_seeds": cfg.dn_seeds, "zero_shot": {}}
-    world_test = join(config.world_dir(), "test.tar") if config.world is not None else None
     if cfg.folder:
         images, labels, classnames = read_folder(cfg.folder, preprocess)
         image = batched_encode(model, device, images=images)
@@ -101,44 +94,68 @@ def evaluate_checkpoint(config: Config, checkpoint: str) -> dict:
                                                 labels=torch.tensor(labels), lam=cfg.dn_lambda)
         result["data"] = cfg.folder
         return result
-    data = cfg.data or world_test
-    if not data or (data == world_test and not os.path.exists(world_test)):
-        raise ConfigError("evaluate: set evaluate.data (WebDataset urls) or evaluate.folder; no demo world test split here")
+    if not cfg.data:
+        raise ConfigError("evaluate: set evaluate.data (WebDataset urls) or evaluate.folder")
     from train.data import expand_urls
 
-    split = read_split(expand_urls(data), preprocess, tokenizer, None if data == world_test else cfg.label_field)
+    urls = expand_urls(cfg.data)
+    if absent := [u for u in urls if not exists(u)]:
+        raise ConfigError(f"evaluate: no evaluation data at {absent[0]}" + (f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""))
+    split = read_split(urls, preprocess, tokenizer)
     image = batched_encode(model, device, images=split["images"])
     text = batched_encode(model, device, texts=split["texts"]) if all(t is not None for t in split["texts"]) else None
-    dn_source = cfg.dn_data or (join(config.world_dir(), "val.tar") if data == world_test else None)
-    means = seeded_means(image, text, cfg, model, preprocess, tokenizer, device, dn_source)
+    means = seeded_means(image, text, cfg, model, preprocess, tokenizer, device, cfg.dn_data)
     if text is not None:
         result["retrieval"] = with_dn(retrieval, means, image=image, text=text, lam=cfg.dn_lambda)
-    if data == world_test:
-        for task, task_templates in WORLD_TASKS.items():
-            result["zero_shot"][task] = world_task(model, tokenizer, device, image, split["metas"], task, task_templates,
-                                                   means, cfg)
-    elif cfg.classnames:
-        classnames = read_classnames(cfg.classnames)
-        labels = [lab if isinstance(lab, int) else classnames.index(lab) for lab in split["labels"]]
-        classes = class_embeddings(model, tokenizer, classnames, templates, device)
-        result["zero_shot"][cfg.label_field] = with_dn(zero_shot, means, image=image, classes=classes,
-                                                       labels=torch.tensor(labels), lam=cfg.dn_lambda)
-    result["data"] = data
+    for name, task in zero_shot_tasks(cfg).items():
+        result["zero_shot"][name] = task_result(model, tokenizer, device, image, split["metas"], task, means, cfg)
+    result["data"] = cfg.data
     result["pairs"] = len(image)
     return result
 
 
-def world_task(model, tokenizer, device, image, metas, task, templates, means, cfg) -> dict:
-    """Zero-shot on the world's one-object test images (with several objects the label is ambiguous),
-    from the split's features already encoded for retrieval."""
-    from pipelines.world import VOCAB
+def zero_shot_tasks(cfg) -> dict[str, ZeroShotTask]:
+    """evaluate.tasks, or the one task that label_field and classnames describe."""
+    if cfg.tasks or not cfg.classnames:
+        return cfg.tasks
+    return {cfg.label_field: ZeroShotTask(label_field=cfg.label_field, classnames=cfg.classnames)}
 
-    one = [i for i, meta in enumerate(metas) if len(meta["objects"]) == 1]
-    classnames = list(VOCAB[task])
-    classes = class_embeddings(model, tokenizer, classnames, templates, device)
-    labels = torch.tensor([classnames.index(metas[i][task]) for i in one])
-    return {**with_dn(zero_shot, means, image=image[one], classes=classes, labels=labels, lam=cfg.dn_lambda),
-            "images": len(one), "classes": len(classnames)}
+
+def task_result(model, tokenizer, device, image, metas: list[dict], task: ZeroShotTask, means, cfg) -> dict:
+    """Zero-shot over the samples that carry the task's label, from the split's features already encoded."""
+    classnames = task.classnames if isinstance(task.classnames, list) else read_classnames(task.classnames)
+    labelled = [(i, label) for i, meta in enumerate(metas) if (label := json_field(meta, task.label_field)) is not None]
+    if not labelled:
+        raise ConfigError(f"evaluate: no sample of evaluate.data has the label field {task.label_field!r}")
+    rows = [i for i, _ in labelled]
+    labels = torch.tensor([class_index(label, classnames, task.label_field) for _, label in labelled])
+    classes = class_embeddings(model, tokenizer, classnames, task.templates or cfg.templates or TEMPLATES, device)
+    return {**with_dn(zero_shot, means, image=image[rows], classes=classes, labels=labels, lam=cfg.dn_lambda),
+            "images": len(rows), "classes": len(classnames)}
+
+
+def json_field(meta: dict, field: str):
+    """meta[a][b] for "a.b"; None where a key is missing."""
+    for part in field.split("."):
+        meta = meta.get(part) if isinstance(meta, dict) else None
+    return meta
+
+
+def class_index(label, classnames: list[str], field: str) -> int:
+    """A label as a class index: an integer (also in string form, as CSV columns arrive) or a class name."""
+    if isinstance(label, str) and label.strip().lstrip("-").isdigit():
+        label = int(label)
+    if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(classnames):
+        return label
+    if isinstance(label, str) and label in classnames:
+        return classnames.index(label)
+    raise ConfigError(f"evaluate: label {label!r} of field {field!r} is neither a class index (0..{len(classnames) - 1}) "
+                      f"nor one of the {len(classnames)} class names")
+
+
+def exists(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(path)
 
 
 def seeded_means(image, text, cfg, model=None, preprocess=None, tokenizer=None, device=None, source=None) -> list:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import fsspec
 
@@ -42,7 +41,7 @@ def run_train(config: Config) -> dict:
 
 
 def resolve(config: Config) -> Config:
-    """Fill the defaults that depend on other stages: shards, validation split, seed."""
+    """Fill the defaults that depend on other stages: shards, output, seed."""
     cfg = config.train
     update = {"seed": cfg.seed if cfg.seed is not None else config.seed, "output": config.run_dir()}
     if not cfg.shards:
@@ -55,8 +54,6 @@ def resolve(config: Config) -> Config:
     if cfg.loss == "softclip" and "tau_s" not in cfg.loss_args and summary:
         # SoftCLIP's teacher targets at the temperature the teacher learned (docs/METHODS.md section 1)
         update["loss_args"] = {**cfg.loss_args, "tau_s": summary["teacher"]["tau_s"]}
-    if not cfg.val_shards and config.world is not None and Path(config.world_dir(), "val.tar").exists():
-        update["val_shards"] = join(config.world_dir(), "val.tar")
     return config.model_copy(update={"train": cfg.model_copy(update=update)})
 
 

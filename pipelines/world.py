@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from pipelines.config import WorldConfig
+from pipelines.config import Config, ConfigError, WorldConfig, ZeroShotTask, join
 
 TRAIN, VAL, TEST, FAIL = 0, 1, 2, 3  # split ids in the RNG keys
 ATTRS = ("shape", "colour", "size", "position")
@@ -291,7 +291,49 @@ def other_scene_caption(seed: int, index: int, objects, specs, captions) -> str:
     return captions[k]
 
 
+# ---------------------------------------------------------------- what the world supplies to the stages
+ZERO_SHOT = {  # the world's labels, prompted the way its captions speak
+    "colour": ("a photo of a {} thing.", "an image showing a {} object.", "a picture of something {}."),
+    "shape": ("a photo of a {}.", "an image showing a {}.", "a picture of a {}."),
+}
+
+
+def with_world_defaults(config: Config) -> Config:
+    """The demo world supplies what the config leaves unset: the validation split, the evaluation data, its
+    zero-shot tasks and DN's unlabeled samples, and the truth table; the stages never know it exists."""
+    if config.world is None:
+        return config
+    world = config.world_dir()
+    train, evaluate, update = {}, {}, {}
+    if config.world.n_val and not config.train.val_shards:
+        train["val_shards"] = join(world, "val.tar")
+    if config.world.n_test and not (config.evaluate.data or config.evaluate.folder):
+        evaluate["data"] = join(world, "test.tar")
+        if config.world.n_val and not config.evaluate.dn_data:
+            evaluate["dn_data"] = join(world, "val.tar")
+        if not (config.evaluate.tasks or config.evaluate.classnames):
+            evaluate["tasks"] = {task: ZeroShotTask(label_field=f"zero_shot.{task}", classnames=list(VOCAB[task]),
+                                                    templates=list(templates)) for task, templates in ZERO_SHOT.items()}
+    if config.truth is None:
+        update["truth"] = join(world, "truth.parquet")
+    if train:
+        update["train"] = config.train.model_copy(update=train)
+    if evaluate:
+        update["evaluate"] = config.evaluate.model_copy(update=evaluate)
+    return config.model_copy(update=update)
+
+
+def run_world(config: Config) -> dict:
+    if config.world is None:
+        raise ConfigError("the config lists the world stage but has no world section")
+    summary = build_world(config.world, config.world_dir(), config.seed)
+    print(f"world: {summary['n_train']} train pairs (noise {summary['noise_counts']}), "
+          f"{summary['n_val']} val, {summary['n_test']} test in {summary['dir']}")
+    return summary
+
+
 # ---------------------------------------------------------------- building the world
+WORLD_FORMAT = 2  # what the files hold; a world on disk of another format is built again
 def build_world(cfg: WorldConfig, out_dir: str, seed: int) -> dict:
     """Write images/, truth.parquet, val.tar, test.tar and (last) world.json; reuse a finished identical world."""
     if seed < 0:
@@ -306,7 +348,7 @@ def build_world(cfg: WorldConfig, out_dir: str, seed: int) -> dict:
     noise_counts, partial = build_train(cfg, out_dir, seed)
     write_split(os.path.join(out_dir, "val.tar"), seed, VAL, cfg.n_val, cfg)
     write_split(os.path.join(out_dir, "test.tar"), seed, TEST, cfg.n_test, cfg)
-    meta = {"config": cfg.model_dump(mode="json"), "seed": seed,
+    meta = {"format": WORLD_FORMAT, "config": cfg.model_dump(mode="json"), "seed": seed,
             "n_train": cfg.n_train, "n_val": cfg.n_val, "n_test": cfg.n_test,
             "noise_counts": noise_counts, "clean_near_duplicates": noise_counts["near_duplicate"],
             "partial_train_captions": partial,
@@ -321,7 +363,7 @@ def build_world(cfg: WorldConfig, out_dir: str, seed: int) -> dict:
 def same_world(meta: dict, cfg: WorldConfig, seed: int) -> bool:
     """Same content parameters and seed (where and how the world is served does not matter)."""
     content = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in SERVING_KEYS}
-    return meta.get("seed") == seed and {k: v for k, v in meta.get("config", {}).items()
+    return meta.get("format") == WORLD_FORMAT and meta.get("seed") == seed and {k: v for k, v in meta.get("config", {}).items()
                                          if k not in SERVING_KEYS} == content
 
 
@@ -417,6 +459,8 @@ def write_split(path: str, seed: int, split: int, n: int, cfg: WorldConfig) -> N
             objects = scene["objects"]
             text, spec = make_caption(objects, np.random.default_rng([seed, split, i, 1]), cfg.partial_caption)
             labels = {**objects[0], "objects": objects, "partial": spec["partial"]}
+            if len(objects) == 1:  # zero-shot labels only where they are unambiguous
+                labels["zero_shot"] = {task: objects[0][task] for task in ZERO_SHOT}
             sink.write({"__key__": f"{i:07d}", "jpg": jpeg(render(scene, cfg.image_size)), "txt": text,
                         "json": labels})
     os.replace(partial_path, path)

@@ -42,7 +42,7 @@ class UnpairedConfig(Strict):
 class TrainConfig(Strict):
     name: str = option("clip", "run name: outputs go to <root>/runs/<name>")
     shards: Optional[str] = option(None, "training shards (brace notation, local or fsspec); default: the shard stage's")
-    val_shards: Optional[str] = option(None, "clean validation shards; default: the demo world's val.tar when there is one")
+    val_shards: Optional[str] = option(None, "clean validation shards: each epoch's recall picks best.pt (the demo world's config: its val.tar)")
     output: Optional[str] = option(None, "run folder; default <root>/runs/<name> (runs/<name> outside a pipeline)")
     model: str = option("softcurate-tiny", "open_clip model name")
     pretrained: Optional[str] = option(None, "open_clip pretrained tag or local checkpoint path")

@@ -90,19 +90,19 @@ def with_dn(metric, means: list[tuple[torch.Tensor, torch.Tensor]], **kw) -> dic
             "dn_std": {k: v.std(unbiased=True).item() if len(runs) > 1 else 0.0 for k, v in stacked.items()}}
 
 
-def read_split(urls, preprocess, tokenizer, label_field: str | None = None) -> dict:
-    """Images, tokenised captions, labels (json[label_field] or .cls) and each sample's json of a WebDataset split."""
-    images, texts, labels, metas = [], [], [], []
+def read_split(urls, preprocess, tokenizer) -> dict:
+    """Images, tokenised captions and each sample's json (with a .cls file's label as its "cls") of a WebDataset split."""
+    images, texts, metas = [], [], []
     for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
         meta = json.loads(sample["json"]) if "json" in sample else {}
+        if "cls" in sample:
+            meta.setdefault("cls", int(sample["cls"]))
         data = next(sample[ext] for ext in IMAGE_EXTS if ext in sample)
         with Image.open(io.BytesIO(data)) as image:
             images.append(preprocess(image.convert("RGB")))
         texts.append(tokenizer([sample["txt"].decode("utf-8")])[0] if "txt" in sample else None)
         metas.append(meta)
-        if label_field:
-            labels.append(meta.get(label_field) if label_field != "cls" else int(sample["cls"]))
-    return {"images": torch.stack(images), "texts": texts, "labels": labels, "metas": metas}
+    return {"images": torch.stack(images), "texts": texts, "metas": metas}
 
 
 def read_folder(path: str, preprocess) -> tuple[torch.Tensor, list[int], list[str]]:
