@@ -25,7 +25,7 @@ from pipelines.distributor import dask_client  # noqa: E402
 from pipelines.score import run_score  # noqa: E402
 from pipelines.score_tasks import read_shard  # noqa: E402
 from pipelines.shard import run_shard  # noqa: E402
-from pipelines.world import build_world, write_url_list  # noqa: E402
+from pipelines.world import build_world, serving, write_url_list  # noqa: E402
 from pipelines.world_server import serve_world  # noqa: E402
 from train.models import create_model, save_checkpoint  # noqa: E402
 
@@ -96,7 +96,8 @@ def main() -> None:
                 pass
             cluster_s = time.perf_counter() - start
             start = time.perf_counter()
-            shard = run_shard(config)
+            with serving(config) as served:
+                shard = run_shard(served)
             shard_seconds = time.perf_counter() - start
             start = time.perf_counter()
             score = run_score(config)

@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipelines.config import load_config  # noqa: E402
 from pipelines.shard import run_shard  # noqa: E402
+from pipelines.world import serving  # noqa: E402
 
 BIN = Path(sys.executable).parent
 WARMUP = 10
@@ -35,7 +36,8 @@ def make_shards(tmp: Path) -> str:
                                 "world.n_test=2", 'world.failing_urls={"http_404": 0, "http_500": 0, "timeout": 0, '
                                 '"truncated": 0, "html": 0}', "shard.samples_per_shard=1000", "shard.image_size=64",
                                 "shard.allow_private_urls=true"])
-    run_shard(config)
+    with serving(config) as served:
+        run_shard(served)
     return f"{tmp}/shards/{{00000..00003}}.tar"
 
 

@@ -7,6 +7,7 @@ option is only another way to write `--set section.key=value`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from pipelines.config import (
     load_config,
 )
 from pipelines.urllist import InputError
+from pipelines.world import serving
 
 RENAMED = {"input.path": "input"}  # `--input urls.tsv` reads better than `--path`
 INLINE = {"input"}  # sub-sections whose options need no prefix (`--format`, not `--input-format`)
@@ -117,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides, values)
         stages = config.stages if args.command == "run" else [args.command]
         for stage in stages:
-            result = STAGES[stage](config)
+            with serving(config) if stage == "shard" else contextlib.nullcontext(config) as stage_config:
+                result = STAGES[stage](stage_config)
             if result.get("incomplete_shards"):
                 print(f"softcurate {stage}: {len(result['incomplete_shards'])} shard(s) did not complete; "
                       "re-run the same command to retry them", file=sys.stderr)

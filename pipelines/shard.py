@@ -9,7 +9,6 @@ its parquet; a re-run skips complete shards and redoes the rest.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import time
@@ -36,61 +35,41 @@ def run_shard(config: Config) -> dict:
     out = config.shard_dir()
     fs, out_path = fsspec.core.url_to_fs(out)
     started = time.time()
-    with url_list(config) as (path, fmt):
-        rows = read_url_list(path, fmt, cfg.input.url_col, cfg.input.caption_col, cfg.input.extra_cols)
-        valid, rejected = validate_rows(rows, cfg.allow_private_urls)
-        sizes = shard_sizes(valid.height, cfg.samples_per_shard)
-        prepare_output(fs, out_path, out, {"digest": rows_digest(valid), "samples_per_shard": cfg.samples_per_shard,
-                                           "rows": rows.height, "valid": valid.height}, cfg.overwrite)
-        write_parquet(valid, join(out, "_input.parquet"))
-        write_parquet(rejected, join(out, "_rejected.parquet"))
-        save_config(config, join(out, "_config.yaml"))
-        done = complete_shards(fs, out_path, sizes)
-        forget_stats(fs, out_path, len(sizes), done)
-        todo = len(sizes) - len(done)
-        print(f"shard: {rows.height} rows from {path}: {valid.height} valid, {rejected.height} rejected; "
-              f"{len(sizes)} shards, {len(done)} already complete, {todo} to do")
-        refused = int((rejected["error_message"] == INTERNAL_HOST).sum())
-        if refused:
-            print(f"shard: refused {refused} urls whose host is loopback, private, link-local or localhost (an untrusted "
-                  "list must not reach internal services); set shard.allow_private_urls=true (--allow-private-urls) "
-                  "to download them")
-        if todo:
-            reader, downloader = img2dataset_parts(config, out, done)
-            with dask_client(cfg.scheduler, cfg.processes) as client:
-                print(f"shard: Dask dashboard {client.dashboard_link}")
-                dask_distributor(cfg.processes, downloader, reader, max(1, todo), cfg.max_shard_retry)
-            fs.invalidate_cache()  # the workers wrote the shards: drop our listings (s3fs caches them)
-        if fs.exists(join(out_path, "_tmp")):
-            fs.rm(join(out_path, "_tmp"), recursive=True)
+    path, fmt = cfg.input.path, cfg.input.format
+    if not path:
+        raise ConfigError("shard.input.path is not set: nothing to shard (the demo world's config serves its own list)")
+    rows = read_url_list(path, fmt, cfg.input.url_col, cfg.input.caption_col, cfg.input.extra_cols)
+    valid, rejected = validate_rows(rows, cfg.allow_private_urls)
+    sizes = shard_sizes(valid.height, cfg.samples_per_shard)
+    prepare_output(fs, out_path, out, {"digest": rows_digest(valid), "samples_per_shard": cfg.samples_per_shard,
+                                       "rows": rows.height, "valid": valid.height}, cfg.overwrite)
+    write_parquet(valid, join(out, "_input.parquet"))
+    write_parquet(rejected, join(out, "_rejected.parquet"))
+    save_config(config, join(out, "_config.yaml"))
+    done = complete_shards(fs, out_path, sizes)
+    forget_stats(fs, out_path, len(sizes), done)
+    todo = len(sizes) - len(done)
+    print(f"shard: {rows.height} rows from {path}: {valid.height} valid, {rejected.height} rejected; "
+          f"{len(sizes)} shards, {len(done)} already complete, {todo} to do")
+    refused = int((rejected["error_message"] == INTERNAL_HOST).sum())
+    if refused:
+        print(f"shard: refused {refused} urls whose host is loopback, private, link-local or localhost (an untrusted "
+              "list must not reach internal services); set shard.allow_private_urls=true (--allow-private-urls) "
+              "to download them")
+    if todo:
+        reader, downloader = img2dataset_parts(config, out, done)
+        with dask_client(cfg.scheduler, cfg.processes) as client:
+            print(f"shard: Dask dashboard {client.dashboard_link}")
+            dask_distributor(cfg.processes, downloader, reader, max(1, todo), cfg.max_shard_retry)
+        fs.invalidate_cache()  # the workers wrote the shards: drop our listings (s3fs caches them)
+    if fs.exists(join(out_path, "_tmp")):
+        fs.rm(join(out_path, "_tmp"), recursive=True)
     summary = summarize(fs, out_path, sizes, rejected, time.time() - started, input_rows=rows.height)
     write_json(join(out, "_summary.json"), summary)
     record_stage(config, "shard", {"input": {"path": path, "format": fmt, "rows": rows.height},
                                    "output": out, "shards": summary["shards"], "counts": summary["counts"]})
     print_summary(summary)
     return summary
-
-
-@contextlib.contextmanager
-def url_list(config: Config):
-    """The input list and its format; with no path, the demo world's list while the world is served."""
-    if config.shard.input.path:
-        yield config.shard.input.path, config.shard.input.format
-        return
-    if config.world is None:
-        raise ConfigError("shard.input.path is not set and the config has no world section: nothing to shard")
-    if not config.shard.allow_private_urls:
-        raise ConfigError("the demo world is served on loopback, whose urls the shard stage refuses by default; "
-                          "set shard.allow_private_urls: true (--allow-private-urls) to shard it")
-    from pipelines.world import build_world, write_url_list
-    from pipelines.world_server import serve_world
-
-    world_dir = config.world_dir()
-    build_world(config.world, world_dir, config.seed)
-    with serve_world(world_dir, config.world.host, config.world.port, config.world.timeout_delay) as base_url:
-        tsv, _ = write_url_list(world_dir, base_url)
-        print(f"shard: serving the demo world at {base_url}")
-        yield tsv, "cc12m"
 
 
 def shard_sizes(n_rows: int, per_shard: int) -> list[int]:

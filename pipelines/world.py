@@ -12,12 +12,14 @@ regenerated alone and the same seed and config give byte-identical files.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 
 import numpy as np
 import polars as pl
@@ -321,6 +323,27 @@ def with_world_defaults(config: Config) -> Config:
     if evaluate:
         update["evaluate"] = config.evaluate.model_copy(update=evaluate)
     return config.model_copy(update=update)
+
+
+@contextlib.contextmanager
+def serving(config: Config) -> Iterator[Config]:
+    """For a demo config without shard.input.path: the world built and served on loopback while the block
+    runs, and the config pointed at its url list (CC12M format). Any other config passes through."""
+    if config.world is None or config.shard.input.path:
+        yield config
+        return
+    if not config.shard.allow_private_urls:
+        raise ConfigError("the demo world is served on loopback, whose urls the shard stage refuses by default; "
+                          "set shard.allow_private_urls: true (--allow-private-urls) to shard it")
+    from pipelines.world_server import serve_world
+
+    world_dir = config.world_dir()
+    build_world(config.world, world_dir, config.seed)
+    with serve_world(world_dir, config.world.host, config.world.port, config.world.timeout_delay) as base_url:
+        tsv, _ = write_url_list(world_dir, base_url)
+        print(f"shard: serving the demo world at {base_url}")
+        source = config.shard.input.model_copy(update={"path": tsv, "format": "cc12m"})
+        yield config.model_copy(update={"shard": config.shard.model_copy(update={"input": source})})
 
 
 def run_world(config: Config) -> dict:

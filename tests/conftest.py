@@ -29,10 +29,18 @@ def free_port() -> int:
 NO_FAILING_URLS = '{"http_404": 0, "http_500": 0, "timeout": 0, "truncated": 0, "html": 0}'
 
 
+def run_shard(config):
+    """The shard stage as `softcurate shard` runs it: a demo config's world is served while it runs."""
+    from pipelines.shard import run_shard as shard_stage
+    from pipelines.world import serving
+
+    with serving(config) as served:
+        return shard_stage(served)
+
+
 def make_demo_shards(base: Path, n_train: int, per_shard: int, n_val: int = 2, failing: str = NO_FAILING_URLS) -> Path:
     """A small demo world sharded by the real shard stage (one Dask worker): what the train-side tests read."""
     from pipelines.config import load_config
-    from pipelines.shard import run_shard
 
     run_shard(load_config(None, [f"root={base}", *demo_shard_overrides(base / "world", n_train, per_shard, n_val, failing)]))
     return base

@@ -22,12 +22,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from conftest import BIN, ROOT
+from conftest import BIN, ROOT, run_shard
 from PIL import Image
 
 from pipelines.config import ConfigError, load_config
 from pipelines.fetch import BoundedResizer, public_opener
-from pipelines.shard import failure_reason, run_shard
+from pipelines.shard import failure_reason
 from pipelines.urllist import INTERNAL_HOST, InputError, read_url_list, validate_rows
 from pipelines.world_server import serve_world
 

@@ -11,12 +11,11 @@ import tarfile
 
 import polars as pl
 import pytest
-from conftest import SCORED_FAILING, SCORED_PER_SHARD, N, config_for, dask_cluster, demo_shard_overrides
+from conftest import SCORED_FAILING, SCORED_PER_SHARD, N, config_for, dask_cluster, demo_shard_overrides, run_shard
 
 from pipelines.config import load_config
 from pipelines.curate import run_curate
 from pipelines.score import run_score
-from pipelines.shard import run_shard
 
 pytestmark = pytest.mark.slow
 

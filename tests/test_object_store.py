@@ -14,13 +14,12 @@ import open_clip
 import polars as pl
 import pytest
 import torch
-from conftest import free_port
+from conftest import free_port, run_shard
 
 from pipelines.audit import run_audit
 from pipelines.config import ConfigError, ShardConfig, load_config
 from pipelines.curate import run_curate
 from pipelines.score import run_score
-from pipelines.shard import run_shard
 from pipelines.train import run_train
 from train.models import create_model, save_checkpoint
 

@@ -9,11 +9,11 @@ import duckdb
 import polars as pl
 import pytest
 import webdataset as wds
-from conftest import BIN, free_port
+from conftest import BIN, free_port, run_shard
 from dask.distributed import Client
 
 from pipelines.config import ShardConfig, load_config
-from pipelines.shard import failure_reason, run_shard
+from pipelines.shard import failure_reason
 from pipelines.urllist import InputError
 from pipelines.world import build_world
 from pipelines.world_server import serve_world
@@ -83,7 +83,9 @@ def test_demo_world_to_webdataset_end_to_end(sharded):
     assert manifest["stages"]["shard"]["counts"] == counts
     assert manifest["stages"]["shard"]["versions"]["img2dataset"]
     resolved = load_config(shard_dir / "_config.yaml")
-    assert resolved == config
+    # what was sharded: the world's url list while it was served, and otherwise the config as given
+    assert resolved.shard.input.path.endswith("world/urls.tsv") and resolved.shard.input.format == "cc12m"
+    assert resolved.model_copy(update={"shard": config.shard}) == config
 
 
 @pytest.mark.slow
