@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the members of a WebDataset sample that hold its image
 MAX_IMAGE_PIXELS = 50_000_000  # bounded decoding: a decompression bomb is a failed sample, not an OOM
 
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS

@@ -23,7 +23,8 @@ import webdataset as wds
 from PIL import Image
 from webdataset.gopen import gopen_schemes
 
-IMAGE_EXTS = "jpg;jpeg;png;webp"
+from curate.teacher import IMAGE_EXTS
+
 FSSPEC_SCHEMES = ("s3", "s3a", "gcs", "az", "abfs", "abfss", "memory", "hdfs", "webhdfs")
 
 
@@ -248,7 +249,7 @@ def make_pipeline(urls: str | list[str], preprocess, tokenizer, batch_size: int,
 
 
 def has_fields(modality: str, sample: dict) -> bool:
-    has_image = any(ext in sample for ext in IMAGE_EXTS.split(";"))
+    has_image = any(ext in sample for ext in IMAGE_EXTS)
     return {"pair": has_image and "txt" in sample, "image": has_image, "text": "txt" in sample}[modality]
 
 
@@ -275,7 +276,7 @@ def decode(preprocess, tokenizer, modality: str, sample: dict) -> dict:
     """Only the side(s) asked for are decoded."""
     out = {"__key__": sample["__key__"], "scores": sample.get("scores"), "weight": sample.get("weight")}
     if modality in ("pair", "image"):
-        data = next(sample[ext] for ext in IMAGE_EXTS.split(";") if ext in sample)
+        data = next(sample[ext] for ext in IMAGE_EXTS if ext in sample)
         with Image.open(io.BytesIO(data)) as image:
             out["image"] = preprocess(image.convert("RGB"))
     if modality in ("pair", "text"):

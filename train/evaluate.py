@@ -18,7 +18,8 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+from curate.teacher import IMAGE_EXTS
+
 TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")
 
 
