@@ -7,7 +7,6 @@ option is only another way to write `--set section.key=value`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import subprocess
 import sys
@@ -35,9 +34,14 @@ INLINE = {"input"}  # sub-sections whose options need no prefix (`--format`, not
 
 
 def stage(name: str):
-    """`pipelines.<name>.run_<name>`, imported when the stage runs (so `--help` never imports torch)."""
+    """`pipelines.<name>.run_<name>`, imported when the stage runs (so `--help` never imports torch); a demo
+    config's world is served on loopback while the shard stage downloads its list."""
     def run(config: Config) -> dict:
-        return getattr(importlib.import_module(f"pipelines.{name}"), f"run_{name}")(config)
+        run_stage = getattr(importlib.import_module(f"pipelines.{name}"), f"run_{name}")
+        if name != "shard":
+            return run_stage(config)
+        with serving(config) as served:
+            return run_stage(served)
 
     return run
 
@@ -119,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides, values)
         stages = config.stages if args.command == "run" else [args.command]
         for stage in stages:
-            with serving(config) if stage == "shard" else contextlib.nullcontext(config) as stage_config:
-                result = STAGES[stage](stage_config)
+            result = STAGES[stage](config)
             if result.get("incomplete_shards"):
                 print(f"softcurate {stage}: {len(result['incomplete_shards'])} shard(s) did not complete; "
                       "re-run the same command to retry them", file=sys.stderr)
