@@ -3,7 +3,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# torch as this machine kind allows (see DEVELOPERS.md): these wheels resolve from the local disk.
+# torch and torchvision pinned per CPU architecture, installed before the package so that its
+# `torch>=2.4` requirement is met by these builds rather than by the newest release.
 ifeq ($(shell uname -m),aarch64)
 TORCH := torch==2.9.1 torchvision==0.24.1
 else

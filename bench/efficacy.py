@@ -1,4 +1,4 @@
-"""The efficacy table: does each method beat its baseline on noisy data? (issue 6)
+"""The efficacy table: does each method beat its baseline on noisy data?
 
     python bench/efficacy.py configs/efficacy/noise20.yaml configs/efficacy/noise40.yaml   # the full run
     python bench/efficacy.py --smoke                                                        # CI's reduced run

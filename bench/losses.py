@@ -13,7 +13,7 @@ reads VmHWM - VmRSS-before from /proc/self/status: the loss's peak extra residen
 N x N matrices and autograd buffers). resource's ru_maxrss cannot be reset (importing torch sets a
 higher mark than a loss step), and tracemalloc does not see torch's allocations.
 
-It prints; it asserts nothing. Targets (the issue): SoftCLIP <= 2.0x, oblique <= 1.3x, MMCL <= 1.5x.
+It prints; it asserts nothing. Targets: SoftCLIP <= 2.0x, oblique <= 1.3x, MMCL <= 1.5x.
 """
 
 from __future__ import annotations

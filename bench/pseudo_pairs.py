@@ -1,4 +1,4 @@
-"""How often MMCL's pseudo-pairs are right on the curate stage's unpaired pools (issue 6: why MMCL
+"""How often MMCL's pseudo-pairs are right on the curate stage's unpaired pools (why MMCL
 does not beat CLIP on the efficacy worlds), with independent and with aligned batching.
 
     python bench/pseudo_pairs.py configs/efficacy/noise20.yaml configs/efficacy/noise40.yaml

@@ -1,4 +1,4 @@
-"""What SoftCLIP's teacher targets say (issue 6: why SoftCLIP does not beat CLIP on the efficacy worlds).
+"""What SoftCLIP's teacher targets say (why SoftCLIP does not beat CLIP on the efficacy worlds).
 
     python bench/soft_targets.py configs/efficacy/noise20.yaml configs/efficacy/noise40.yaml
 

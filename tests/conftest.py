@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CC3M_TSV = ROOT.parent / "shared" / "data" / "cc3m" / "Validation_GCC-1.1.0-Validation.tsv"
+CC3M_TSV = ROOT / "tests" / "data" / "cc3m" / "Validation_GCC-1.1.0-Validation.tsv"  # tests/data/README.md
 BIN = Path(sys.executable).parent
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 

@@ -5,9 +5,12 @@ The workers start outside the repository, so what they import is the installed s
 cluster's workers need the package installed, as any Dask code's workers do).
 """
 
+import atexit
 import hashlib
 import json
+import logging
 import tarfile
+import time
 
 import polars as pl
 import pytest
@@ -15,6 +18,7 @@ from conftest import SCORED_FAILING, SCORED_PER_SHARD, N, config_for, dask_clust
 
 from pipelines.config import load_config
 from pipelines.curate import run_curate
+from pipelines.distributor import dask_client
 from pipelines.score import run_score
 
 pytestmark = pytest.mark.slow
@@ -84,3 +88,20 @@ def test_score_and_curate_on_an_existing_cluster_give_the_same_bytes(scored, clu
     run_curate(config_for(root, f"curate.output={tmp_path / 'local'}"), export=True)
     run_curate(config_for(root, f"score.output={tmp_path / 'scores'}", f"curate.output={tmp_path / 'remote'}"), export=True)
     assert tree_digests(tmp_path / "remote") == tree_digests(tmp_path / "local")
+
+
+def test_local_cluster_waits_for_its_workers_to_exit():
+    """A worker slow to exit (6 s of teardown, as one that imported torch on a busy machine) is waited for,
+    not killed with a warning at the end of every stage."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("distributed.nanny").addHandler(handler)
+    try:
+        with dask_client(None, 1) as client:
+            client.submit(atexit.register, time.sleep, 6, pure=False).result()
+            started = time.time()
+    finally:
+        logging.getLogger("distributed.nanny").removeHandler(handler)
+    assert time.time() - started >= 6  # the worker ran its exit handler to the end
+    assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]

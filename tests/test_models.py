@@ -1,3 +1,5 @@
+import logging
+
 import open_clip
 import pytest
 import torch
@@ -29,6 +31,17 @@ def test_tiny_model_checkpoint_loads_in_plain_open_clip(tmp_path):
     other, *_ = create_model("softcurate-tiny")
     with torch.no_grad():
         assert not torch.allclose(other.eval()(images, text)[0], a_img)
+
+
+def test_only_the_random_init_notice_of_a_fresh_model_is_silenced(caplog):
+    with caplog.at_level(logging.WARNING):
+        open_clip.create_model_and_transforms("softcurate-tiny")  # open_clip itself says so
+        assert any("initialized randomly" in m for m in caplog.messages)
+        caplog.clear()
+        create_model("softcurate-tiny")  # no pretrained: a random start is what we asked for
+        logging.warning("No pretrained weights loaded for model 'x'. Model initialized randomly.")  # outside the call
+        logging.warning("another warning")
+    assert caplog.messages == ["No pretrained weights loaded for model 'x'. Model initialized randomly.", "another warning"]
 
 
 def test_bad_model_and_checkpoint_fail_before_work(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -43,7 +44,7 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
         if not fs.exists(p):
             raise FileNotFoundError(f"checkpoint not found: {pretrained}")
     try:
-        with local_copy(pretrained) as local:  # open_clip reads local files only
+        with local_copy(pretrained) as local, fresh_model_notice_silenced(not pretrained):  # open_clip reads local files only
             model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
                 name, pretrained=local, device=device, weights_only=True)
     except (RuntimeError, AssertionError) as err:  # open_clip's load_state_dict / pos-embed checks
@@ -51,6 +52,23 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
             raise
         raise ValueError(f"checkpoint {pretrained} does not fit model {name}: {str(err).splitlines()[0]}") from err
     return model, preprocess_train, preprocess_val, open_clip.get_tokenizer(name)
+
+
+def fresh_model_notice(record: logging.LogRecord) -> bool:
+    """A logging filter: False for open_clip's warning that a model built without weights starts random."""
+    return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def fresh_model_notice_silenced(fresh: bool):
+    """Without `pretrained` a random start is what was asked for: drop that one warning, keep every other."""
+    root = logging.getLogger()  # open_clip logs through the root logger
+    if fresh:
+        root.addFilter(fresh_model_notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(fresh_model_notice)
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
