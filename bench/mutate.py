@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 1800  # seconds for one mutation's tests
 
 
 class Mutation(NamedTuple):
@@ -234,8 +235,11 @@ def apply(mutation: Mutation, root: Path) -> None:
 def run_tests(root: Path, tests: list[str]) -> tuple[int, str, float]:
     env = {**os.environ, "PYTHONPATH": str(root)}
     started = time.time()
-    result = subprocess.run([sys.executable, "-m", "pytest", *tests, "-x", "-q", "-p", "no:cacheprovider"],
-                            cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+    try:
+        result = subprocess.run([sys.executable, "-m", "pytest", *tests, "-x", "-q", "-p", "no:cacheprovider"],
+                                cwd=root, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:  # pytest-timeout (600 s a test) normally fails the test first
+        return 1, f"FAILED timeout (no answer within {TIMEOUT} s)", time.time() - started
     return result.returncode, result.stdout + result.stderr, time.time() - started
 
 
