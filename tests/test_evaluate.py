@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
@@ -46,17 +47,147 @@ def test_dn_removes_a_shared_offset_that_the_dot_product_cannot():
 def test_oblique_features_score_as_the_sum_over_tokens():
     torch.manual_seed(1)
     u, v = tokens(torch.randn(5, 4, 3)), tokens(torch.randn(5, 4, 3))
+    torch.testing.assert_close(u.norm(dim=-1), torch.ones(5, 4))  # each token on its own sphere
     assert retrieval_recall(u, v) == retrieval_recall(u.flatten(1), v.flatten(1))
 
 
-def test_dn_spread_over_seeds():
-    torch.manual_seed(2)
-    image, text = tokens(torch.randn(300, 1, 6)), tokens(torch.randn(300, 1, 6))
-    means = [dn_means(image, text, 100, seed) for seed in range(5)]
-    assert not torch.equal(means[0][0], means[1][0])
-    result = with_dn(retrieval, means, image=image[:50], text=image[:50] + 0.01, lam=0.5, ks=(1,))
-    assert set(result) == {"dot", "dn", "dn_std"} and result["dot"]["i2t_R@1"] == 1.0
-    assert result["dn_std"]["i2t_R@1"] >= 0.0
+def test_dn_spread_over_seeds_is_the_mean_and_sample_std_of_the_runs():
+    """with_dn runs the metric once with the dot product and once per seed's means: "dn" is the mean of
+    those runs, "dn_std" their sample standard deviation (n - 1), both recomputed here from the hand formula."""
+    image, text, mu_v, mu_t = retrieval_case()
+    draws = [(mu_v, mu_t), (mu_t, mu_v), (2 * mu_v, 0 * mu_t)]
+    runs = [hand_recall_at_1(hand_dn_similarity(image, text, a, b, 0.5)) for a, b in draws]
+    assert len(set(runs)) > 1  # the draws disagree, so the spread is not zero
+    result = with_dn(retrieval, [(as_tokens(a), as_tokens(b)) for a, b in draws],
+                     image=as_tokens(image), text=as_tokens(text), lam=0.5, ks=(1,))
+    assert result["dot"] == pytest.approx(dict(zip(("i2t_R@1", "t2i_R@1"), hand_recall_at_1(image @ text.T))))
+    for j, name in enumerate(("i2t_R@1", "t2i_R@1")):
+        values = [r[j] for r in runs]
+        assert result["dn"][name] == pytest.approx(np.mean(values), abs=1e-7)
+        assert result["dn_std"][name] == pytest.approx(np.std(values, ddof=1), abs=1e-7)
+    one = with_dn(retrieval, [(as_tokens(mu_v), as_tokens(mu_t))], image=as_tokens(image), text=as_tokens(text), ks=(1,))
+    assert one["dn_std"] == {"i2t_R@1": 0.0, "t2i_R@1": 0.0}
+
+
+def test_dn_means_are_means_of_seeded_samples_of_each_modality():
+    # each row's first coordinate is a distinct power of two: n * mean reads back which rows were drawn
+    image = torch.zeros(12, 1, 3, dtype=torch.float64)
+    image[:, 0, 0] = 2.0 ** torch.arange(12, dtype=torch.float64)
+    text = -image.clone()
+    full_v, full_t = dn_means(image, text, 12, seed=3)
+    torch.testing.assert_close(full_v, image.mean(0))
+    torch.testing.assert_close(full_t, text.mean(0))
+    mu_v, mu_t = dn_means(image, text, 5, seed=3)
+    assert mu_v.shape == (1, 3) and mu_v[0, 0] > 0 > mu_t[0, 0]  # image mean from images, text mean from texts
+    for mu in (mu_v, -mu_t):
+        assert bin(round(5 * mu[0, 0].item())).count("1") == 5  # five distinct rows
+    assert torch.equal(dn_means(image, text, 5, seed=3)[0], mu_v)  # seeded
+    assert not torch.equal(dn_means(image, text, 5, seed=4)[0], mu_v)
+
+
+# ---------------------------------------------------------------- DN against the formula written out by hand
+def nrm(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def as_tokens(x: np.ndarray) -> torch.Tensor:
+    """(N, d) float64 -> (N, 1, d): the evaluate functions' feature layout, K = 1."""
+    return torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(-2)
+
+
+def hand_dn_similarity(v, t, mu_v, mu_t, lam):
+    """S_DN[i][j] = sum_k (v_ik - lam mu_v_k)(t_jk - lam mu_t_k), docs/METHODS.md section 4, by loops."""
+    return np.array([[sum((v[i, k] - lam * mu_v[k]) * (t[j, k] - lam * mu_t[k]) for k in range(v.shape[1]))
+                      for j in range(len(t))] for i in range(len(v))])
+
+
+def hand_recall_at_1(sim) -> tuple[float, float]:
+    """(i2t, t2i) R@1: the true partner must beat every other candidate (a tie counts against it)."""
+    n = len(sim)
+    i2t = sum(all(sim[i][j] < sim[i][i] for j in range(n) if j != i) for i in range(n)) / n
+    t2i = sum(all(sim[i][j] < sim[j][j] for i in range(n) if i != j) for j in range(n)) / n
+    return i2t, t2i
+
+
+def retrieval_case():
+    """Six pairs whose images and texts each carry a common offset of their own (seeded): R@1 here tells
+    the DN formula apart from each mistake below."""
+    rng = np.random.default_rng(0)
+    offset_v, offset_t = rng.normal(size=3), rng.normal(size=3)
+    image = nrm(rng.normal(size=(6, 3)) + 1.5 * offset_v)
+    text = nrm(image + 0.6 * rng.normal(size=(6, 3)) + 1.5 * offset_t)
+    return image, text, image.mean(0), text.mean(0)
+
+
+def test_dn_retrieval_is_the_formula_on_normalised_features():
+    """Retrieval: subtract lam * mu from the normalised features, no re-normalisation."""
+    image, text, mu_v, mu_t = retrieval_case()
+    expected = hand_recall_at_1(hand_dn_similarity(image, text, mu_v, mu_t, 0.5))
+    mistakes = {
+        "means swapped": hand_dn_similarity(image, text, mu_t, mu_v, 0.5),
+        "re-normalised": hand_dn_similarity(nrm(image - 0.5 * mu_v), nrm(text - 0.5 * mu_t), 0 * mu_v, 0 * mu_t, 0.5),
+        "mean added": hand_dn_similarity(image, text, -mu_v, -mu_t, 0.5),
+        "text shift dropped": hand_dn_similarity(image, text, mu_v, 0 * mu_t, 0.5),
+        "image shift dropped": hand_dn_similarity(image, text, 0 * mu_v, mu_t, 0.5),
+        "lambda 0.25": hand_dn_similarity(image, text, mu_v, mu_t, 0.25),
+        "lambda 1": hand_dn_similarity(image, text, mu_v, mu_t, 1.0),
+        "dot product": image @ text.T,
+    }
+    for name, sim in mistakes.items():  # the case can tell each mistake from the formula
+        assert hand_recall_at_1(sim) != expected, name
+    means = (as_tokens(mu_v[None])[0], as_tokens(mu_t[None])[0])
+    got = retrieval(as_tokens(image), as_tokens(text), means=means, ks=(1,))  # lambda's default is 0.5
+    assert (got["i2t_R@1"], got["t2i_R@1"]) == pytest.approx(expected, abs=1e-6)
+    got = retrieval(as_tokens(image), as_tokens(text), means=means, lam=1.0, ks=(1,))
+    assert (got["i2t_R@1"], got["t2i_R@1"]) == pytest.approx(hand_recall_at_1(mistakes["lambda 1"]), abs=1e-6)
+
+
+def hand_top1(image, classes, mu_v, mu_t, lam, renormalise=True) -> list[int]:
+    """argmax_c <normalise(v - lam mu_v), normalise(c - lam mu_t)>, by loops."""
+    def shift(x, mu):
+        y = [x[k] - lam * mu[k] for k in range(len(x))]
+        norm = sum(a * a for a in y) ** 0.5 if renormalise else 1.0
+        return [a / norm for a in y]
+
+    out = []
+    for v in image:
+        v = shift(v, mu_v)
+        scores = [sum(a * b for a, b in zip(v, shift(c, mu_t))) for c in classes]
+        out.append(max(range(len(classes)), key=scores.__getitem__))
+    return out
+
+
+def test_dn_zero_shot_subtracts_from_raw_features_then_normalises():
+    """Zero-shot: normalise(v - lam mu_v) . normalise(c - lam mu_t). The case (seeded: 4 classes and the
+    images with offsets of their own) is one where every mistake below changes at least one image's class."""
+    rng = np.random.default_rng(3)
+    offset_v, offset_t = rng.normal(size=3), rng.normal(size=3)
+    classes = nrm(rng.normal(size=(4, 3)) + offset_t)
+    image = nrm(classes[rng.integers(0, 4, 8)] + 0.5 * rng.normal(size=(8, 3)) + offset_v)
+    mu_v, mu_t = image.mean(0), classes.mean(0)
+    expected = hand_top1(image, classes, mu_v, mu_t, 0.5)
+    zero = 0 * mu_v
+    mistakes = {
+        "means swapped": hand_top1(image, classes, mu_t, mu_v, 0.5),
+        "no re-normalisation": hand_top1(image, classes, mu_v, mu_t, 0.5, renormalise=False),
+        "text shift dropped": hand_top1(image, classes, mu_v, zero, 0.5),
+        "image shift dropped": hand_top1(image, classes, zero, mu_t, 0.5),
+        "mean added": hand_top1(image, classes, -mu_v, -mu_t, 0.5),
+        "lambda 0.25": hand_top1(image, classes, mu_v, mu_t, 0.25),
+        "lambda 1": hand_top1(image, classes, mu_v, mu_t, 1.0),
+        "dot product": hand_top1(image, classes, zero, zero, 0.5),
+    }
+    for name, predicted in mistakes.items():
+        assert predicted != expected, name
+    means = (as_tokens(mu_v[None])[0], as_tokens(mu_t[None])[0])
+    # labelled with the formula's own answers: top1 is 1 exactly when every image gets the formula's class
+    labels = torch.tensor(expected)
+    assert zero_shot(as_tokens(image), as_tokens(classes), labels, ks=(1,), means=means)["top1"] == 1.0
+    for lam, name in ((1.0, "lambda 1"), (0.0, "dot product")):  # lambda is used as given; 0 is the dot product
+        got = zero_shot(as_tokens(image), as_tokens(classes), labels, ks=(1,), means=means, lam=lam)["top1"]
+        assert got == pytest.approx(np.mean(np.array(mistakes[name]) == labels.numpy()))
+    dot = zero_shot(as_tokens(image), as_tokens(classes), labels, ks=(1,))["top1"]
+    assert dot == pytest.approx(np.mean(np.array(mistakes["dot product"]) == labels.numpy()))
 
 
 # ---------------------------------------------------------------- the CLI on real splits and checkpoints
@@ -98,24 +229,64 @@ def test_cli_on_the_world_split_for_stock_and_oblique_checkpoints(setup):
         assert {"dot", "dn", "dn_std"} <= set(scores) and all(0 <= v <= 1 for v in scores["dot"].values())
 
 
+def hand_evaluation(checkpoint, images: list, captions: list[str], classnames: list[str], labels: list[int], lam=0.5):
+    """The evaluate stage's numbers for one checkpoint, worked in numpy from open_clip's own encoders: DN means
+    from every sample (so no seeded draw is involved), zero-shot on the template-averaged class prompts."""
+    import open_clip
+
+    import train.models  # noqa: F401  (registers softcurate-tiny)
+    from train.evaluate import TEMPLATES
+
+    model, _, preprocess = open_clip.create_model_and_transforms("softcurate-tiny", pretrained=str(checkpoint))
+    tokenizer = open_clip.get_tokenizer("softcurate-tiny")
+    model.eval()
+    with torch.no_grad():
+        v = model.encode_image(torch.stack([preprocess(i) for i in images]), normalize=True).double().numpy()
+        t = model.encode_text(tokenizer(captions), normalize=True).double().numpy()
+        prompts = [model.encode_text(tokenizer([x.format(c) for x in TEMPLATES]), normalize=True).double().numpy()
+                   for c in classnames]
+    classes = nrm(np.stack([p.mean(0) for p in prompts]))
+    mu_v, mu_t = v.mean(0), t.mean(0)
+    labels = np.asarray(labels)
+
+    def top1(a, b):
+        return float(np.mean((a @ b.T).argmax(1) == labels))
+
+    return {"zero_shot": {"dot": top1(v, classes), "dn": top1(nrm(v - lam * mu_v), nrm(classes - lam * mu_t))},
+            "retrieval": {"dot": hand_recall_at_1(v @ t.T), "dn": hand_recall_at_1(hand_dn_similarity(v, t, mu_v, mu_t, lam))}}
+
+
 @pytest.mark.slow
 def test_cli_on_a_labelled_webdataset_and_an_image_folder(setup, tmp_path):
     colours = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+    rng = np.random.default_rng(0)
+    images, captions, labels = [], [], []
     with wds.TarWriter(str(tmp_path / "labelled.tar")) as sink:
         for i in range(20):
             name = list(colours)[i % 2]
+            pixels = np.clip(np.asarray(colours[name]) + rng.normal(0, 60, (64, 64, 3)), 0, 255).astype(np.uint8)
             buf = io.BytesIO()
-            Image.new("RGB", (64, 64), colours[name]).save(buf, "JPEG")
-            sink.write({"__key__": f"{i:04d}", "jpg": buf.getvalue(), "txt": f"a {name} square", "json": {"label": name}})
+            Image.fromarray(pixels).save(buf, "PNG")  # lossless: the test sees the pixels the stage decodes
+            captions.append(f"a {name} square number {i}")
+            labels.append(i % 2)
+            images.append(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+            sink.write({"__key__": f"{i:04d}", "png": buf.getvalue(), "txt": captions[-1], "json": {"label": name}})
             folder = tmp_path / "folder" / name
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{i}.jpg").write_bytes(buf.getvalue())
+            (folder / f"{i}.png").write_bytes(buf.getvalue())
     (tmp_path / "classes.txt").write_text("red\nblue\n")
     labelled = evaluate("--root", str(tmp_path), "--checkpoints", str(setup / "stock.pt"), "--data", str(tmp_path / "labelled.tar"),
-                        "--label-field", "label", "--classnames", str(tmp_path / "classes.txt"), "--dn-samples", "10")
+                        "--label-field", "label", "--classnames", str(tmp_path / "classes.txt"), "--dn-samples", "20",
+                        "--dn-seeds", "2")
     assert labelled.returncode == 0, labelled.stderr[-2000:]
     result = json.loads((tmp_path / "eval" / "stock.json").read_text())
-    assert result["zero_shot"]["label"]["dot"]["top1"] in (0.5, 0.0, 1.0)  # one colour per class: all or nothing per class
+    expected = hand_evaluation(setup / "stock.pt", images, captions, ["red", "blue"], labels)
+    zero = result["zero_shot"]["label"]
+    assert zero["dot"]["top1"] == pytest.approx(expected["zero_shot"]["dot"], abs=1e-6)
+    assert zero["dn"]["top1"] == pytest.approx(expected["zero_shot"]["dn"], abs=1e-6) and zero["dn_std"]["top1"] == 0.0
+    for form in ("dot", "dn"):
+        got = result["retrieval"][form]
+        assert (got["i2t_R@1"], got["t2i_R@1"]) == pytest.approx(expected["retrieval"][form], abs=1e-6), form
     folder = evaluate("--root", str(tmp_path), "--checkpoints", str(setup / "stock.pt"), "--folder", str(tmp_path / "folder"),
                       "--output", str(tmp_path / "folder_eval"), "--dn-samples", "10")
     assert folder.returncode == 0, folder.stderr[-2000:]

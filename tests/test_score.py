@@ -70,6 +70,49 @@ def test_summary_carries_the_teachers_learned_temperature(scored):
     assert on_disk["mixture"]["means"][0] < on_disk["mixture"]["means"][1] and len(on_disk["dn"]["mu_v"]) == 64
 
 
+def test_score_columns_recomputed_from_the_teacher_embeddings(scored):
+    """The written scores against docs/METHODS.md sections 3-4 worked in numpy from what the run recorded: the
+    teacher embeddings (float16, as stored), the DN means and lambda, the teacher's learned scale exp(logit_scale)
+    read from its checkpoint, and the reference bank rebuilt from its seeded key sample."""
+    from curate.scores import key_ranks
+    from pipelines.score import SAMPLE_SEEDS
+
+    root, summary = scored
+    config = load_config(root / "scores" / "_config.yaml")
+    scores = pl.read_parquet(root / "scores" / "0*.parquet").filter(pl.col("status") == "scored")
+    keys = scores["key"].to_list()
+    image = np.asarray(scores["teacher_image_emb"].to_list(), dtype=np.float64)
+    text = np.asarray(scores["teacher_text_emb"].to_list(), dtype=np.float64)
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    model, _, _ = open_clip.create_model_and_transforms("softcurate-tiny",
+                                                        pretrained=str(root / "runs/teacher/checkpoints/best.pt"))
+    s = float(np.exp(model.logit_scale.item()))
+    lam = summary["dn"]["lambda"]
+    v, t = image - lam * np.asarray(summary["dn"]["mu_v"]), text - lam * np.asarray(summary["dn"]["mu_t"])
+    bank = np.argsort(key_ranks(keys, config.seed + SAMPLE_SEEDS["bank"]))[:config.score.bank_size]
+    assert summary["bank"]["size"] == len(bank) < len(keys)
+    rows = np.arange(0, len(keys), 7)  # a sample of the pairs keeps the loops short
+    log_p = {"p_i2t": [], "p_t2i": []}
+    for i in rows:
+        for name, x, y, others in (("p_i2t", v[i], t[i], t[bank]), ("p_t2i", t[i], v[i], v[bank])):
+            negatives = np.exp(s * others[bank != i] @ x).sum()  # the pair itself is not its own negative
+            log_p[name].append(s * x @ y - np.log(np.exp(s * x @ y) + negatives))
+    loss = -(np.asarray(log_p["p_i2t"]) + np.asarray(log_p["p_t2i"])) / 2
+    got = scores[rows.tolist()]
+    np.testing.assert_allclose(got["cosine"], (image[rows] * text[rows]).sum(1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["dn_score"], (v[rows] * t[rows]).sum(1), rtol=1e-5, atol=1e-6)
+    for name in log_p:
+        np.testing.assert_allclose(got[name], np.exp(log_p[name]), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(got["loss"], loss, rtol=1e-5)
+    # clean_prob: the low-loss component's posterior; between the two means it is the mixture's own
+    w, mu, var = (np.asarray(summary["mixture"][k]) for k in ("weights", "means", "variances"))
+    density = w / np.sqrt(2 * np.pi * var) * np.exp(-(loss[:, None] - mu) ** 2 / (2 * var))
+    between = (loss > mu[0]) & (loss < mu[1])
+    assert between.mean() > 0.2
+    np.testing.assert_allclose(got["clean_prob"].to_numpy()[between], (density[:, 0] / density.sum(1))[between], atol=1e-3)
+
+
 def test_clean_prob_finds_the_injected_noise(scored):
     """The world's truth says which pairs are noisy: clean_prob must rank them (chance is 0.5). Measured
     0.750, 0.773, 0.795 over three runs of this fixture on the same code (its tiny teacher does not train
@@ -198,18 +241,94 @@ def test_softclip_trains_on_the_scores_at_the_teachers_temperature(scored, tmp_p
     assert result["steps"] == 6 and np.isfinite(result["last"]["loss"])
 
 
-def test_softclip_takes_its_text_targets_from_the_sentence_teacher(scored, tmp_path):
+class FirstStep:
+    """Records what the train loop hands the loss at its first step: the batch's keys, the student's features and
+    scale. The loop's own log gives the loss it computed; the test recomputes that loss by hand."""
+
+    def __init__(self, monkeypatch):
+        import train.loop
+
+        self.call_loss, self.seen = train.loop.call_loss, None
+        monkeypatch.setattr(train.loop, "call_loss", self)
+
+    def __call__(self, loss_fn, image_features, text_features, logit_scale, batch, device):
+        if self.seen is None:
+            self.seen = {"keys": list(batch["key"]), "v": image_features.detach().double(),
+                         "t": text_features.detach().double(), "s": logit_scale.detach().double()}
+        return self.call_loss(loss_fn, image_features, text_features, logit_scale, batch, device)
+
+
+def softclip_by_hand(seen, image_targets: dict, text_targets: dict, tau_s, alpha, beta) -> float:
+    """docs/METHODS.md section 1 on the first batch, a and b looked up by each sample's key."""
+    import torch
+    import torch.nn.functional as F
+    from test_losses import reference_softclip
+
+    def rows(by_key):
+        return F.normalize(torch.tensor(np.asarray([by_key[k] for k in seen["keys"]], dtype=np.float32)).double(), dim=-1)
+
+    n = len(seen["keys"])
+    return reference_softclip(seen["v"], seen["t"], seen["s"], rows(image_targets), rows(text_targets), tau_s,
+                              torch.full((n,), alpha, dtype=torch.float64), beta)[0].item()
+
+
+def first_logged_loss(run_dir) -> float:
+    return next(r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r)
+
+
+SOFTCLIP = ["train.loss=softclip", "train.max_steps=1", "train.epochs=1", "train.epoch_checkpoints=false",
+            "train.log_every=1", "train.workers=1"]
+
+
+def softclip_args(text_targets: str) -> str:
+    return f"train.loss_args={{alpha: 0.3, beta: 0.5, tau_s: 0.05, text_targets: {text_targets}}}"
+
+
+def test_softclip_takes_its_text_targets_from_the_sentence_teacher(scored, tmp_path, monkeypatch):
     root, _ = scored
     copy = tmp_path / "copy"
     for part in ("shards", "runs", "world"):
         shutil.copytree(root / part, copy / part)
-    sentence = ["train.name=sentence", "train.loss=softclip", "train.loss_args={target: teacher, text_targets: sentence}", "train.max_steps=4",
-                "train.epochs=1", "train.epoch_checkpoints=false", "train.log_every=1"]
     run_score(config_for(copy, "score.sentence_teacher=all-MiniLM-L6-v2", "score.neighbours=0"))
-    result = run_train(config_for(copy, *sentence))
-    assert result["steps"] == 4 and np.isfinite(result["last"]["loss"])
+    step = FirstStep(monkeypatch)
+    result = run_train(config_for(copy, "train.name=sentence", *SOFTCLIP, softclip_args("sentence")))
+    assert result["steps"] == 1
+    scores = pl.read_parquet(copy / "scores" / "0*.parquet")
+    image, sentence = (dict(zip(scores["key"], scores[c].to_list())) for c in ("teacher_image_emb", "sentence_emb"))
+    # S_T from the sentence teacher's embeddings of the batch's captions, S_I from the CLIP teacher's images
+    expected = softclip_by_hand(step.seen, image, sentence, 0.05, 0.3, 0.5)
+    assert first_logged_loss(copy / "runs" / "sentence") == pytest.approx(expected, rel=1e-5)
+    clip_text = dict(zip(scores["key"], scores["teacher_text_emb"].to_list()))
+    assert softclip_by_hand(step.seen, image, clip_text, 0.05, 0.3, 0.5) != pytest.approx(expected, rel=1e-3)
     # without sentence embeddings in the scores the run stops before its first step, saying why
     shutil.rmtree(copy / "scores")
     run_score(config_for(copy, "score.neighbours=0"))
     with pytest.raises(Exception, match="has no sentence_emb, which training reads"):
-        run_train(config_for(copy, *sentence, "train.name=sentence2"))
+        run_train(config_for(copy, "train.name=sentence2", *SOFTCLIP, softclip_args("sentence")))
+
+
+@pytest.mark.parametrize("text_targets", ["clip", "sentence"])
+def test_the_loss_gets_each_samples_score_row_by_key(tmp_path, monkeypatch, text_targets):
+    """Hand-made score files (a different random vector per key and column) on small demo shards: the first
+    step's loss is SoftCLIP with a = teacher_image_emb and b = teacher_text_emb (clip) or sentence_emb
+    (sentence) of the batch's own keys, so a join off by a row, a wrong column or a lost remap changes it."""
+    root = make_demo_shards(tmp_path, 48, per_shard=24, n_val=2)
+    rng = np.random.default_rng(0)
+    columns = {"teacher_image_emb": 5, "teacher_text_emb": 4, "sentence_emb": 6}
+    targets = {c: {} for c in columns}
+    (root / "scores").mkdir()
+    for shard in sorted((root / "shards").glob("0*.parquet")):
+        keys = pl.read_parquet(shard).filter(pl.col("status") == "success")["key"].to_list()
+        table = {"key": keys, "clean_prob": rng.uniform(size=len(keys)).tolist()}
+        for column_name, dim in columns.items():
+            vectors = rng.normal(size=(len(keys), dim))
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            table[column_name] = vectors.astype(np.float32).tolist()
+            targets[column_name].update(zip(keys, table[column_name]))
+        pl.DataFrame(table).write_parquet(root / "scores" / shard.name)
+    step = FirstStep(monkeypatch)
+    config = config_for(root, "train.name=join", "train.batch_size=16", *SOFTCLIP, softclip_args(text_targets))
+    run_train(config)
+    text = targets["sentence_emb" if text_targets == "sentence" else "teacher_text_emb"]
+    expected = softclip_by_hand(step.seen, targets["teacher_image_emb"], text, 0.05, 0.3, 0.5)
+    assert first_logged_loss(root / "runs" / "join") == pytest.approx(expected, rel=1e-5)

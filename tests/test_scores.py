@@ -1,5 +1,7 @@
 """The score stage's math (curate.scores, curate.dn) against references written out by hand."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -146,3 +148,93 @@ def test_bad_samples_name_their_reason(sample, reason):
     with pytest.raises(BadSample) as err:
         prepare(sample, lambda image: image)
     assert str(err.value) == reason
+
+
+# ---------------------------------------------------------------- the score task against a hand computation
+def fixed_list(values: np.ndarray | None, n: int, dim: int):
+    """float16 fixed-size lists, null rows where `values` has NaN: the _embed files' layout."""
+    import pyarrow as pa
+
+    mask = np.isnan(values[:, 0])
+    flat = pa.array(np.nan_to_num(values).astype(np.float16).ravel(), pa.float16())
+    return pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(mask))
+
+
+def hand_log_posterior(x, y, bank_y, scale, skip):
+    """log p of the true partner by explicit sums: exp(s<x,y>) / (exp(s<x,y>) + sum_j exp(s<x,b_j>)),
+    bank entries in `skip` (the pair itself) left out."""
+    positive = math.exp(scale * float(x @ y))
+    negatives = sum(math.exp(scale * float(x @ b)) for j, b in enumerate(bank_y) if j not in skip)
+    return math.log(positive / (positive + negatives))
+
+
+def test_score_shard_columns_against_a_hand_computation(tmp_path):
+    """score_shard on a tiny embedding file and a hand-made state (two teacher checkpoints, a bank holding one of
+    the shard's own pairs, one failed sample): cosine, DN score, posterior at each teacher's scale, mean loss and
+    the clean probability, every column recomputed from docs/METHODS.md sections 3-4."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.score_tasks import score_shard
+
+    rng = np.random.default_rng(7)
+    n, d, lam = 6, 4, 0.5
+    keys = [f"{i:04d}" for i in range(n)]
+    failed = 2
+    emb = {}
+    for name in ("image_emb_0", "text_emb_0", "image_emb_1", "text_emb_1"):
+        raw = (rng.normal(size=(n, d)) + 0.8).astype(np.float16).astype(np.float64)  # a shared offset: DN matters
+        raw[failed] = np.nan
+        emb[name] = raw
+    pq.write_table(pa.table({
+        "key": pa.array(keys, pa.string()), "row": pa.array(range(n), pa.int64()),
+        "status": pa.array(["failed" if i == failed else "scored" for i in range(n)], pa.string()),
+        "error": pa.array(["empty caption" if i == failed else None for i in range(n)], pa.string()),
+        **{name: fixed_list(values, n, d) for name, values in emb.items()}}), tmp_path / "embed.parquet")
+    bank_keys = ["0004", "9000", "9001", "9002"]  # 0004 is a pair of this shard: not its own negative
+    checkpoints = [{"scale": scale, "mu_v": rng.normal(size=d) * 0.3 + 0.4, "mu_t": rng.normal(size=d) * 0.3 + 0.4,
+                    "bank_v": rng.normal(size=(4, d)) * 0.5, "bank_t": rng.normal(size=(4, d)) * 0.5}
+                   for scale in (14.0, 3.0)]  # two teachers with their own learned scales
+    mixture = {"weights": [0.7, 0.3], "means": [1.0, 2.5], "variances": [0.4, 0.4]}  # equal variances: monotone
+    state = {"bank_keys": bank_keys, "lambda": lam, "checkpoints": checkpoints, "mixture": mixture, "k": 0}
+    score_shard(str(tmp_path / "embed.parquet"), str(tmp_path / "scores.parquet"), state, {"method": "none"}, 1)
+    out = pq.read_table(tmp_path / "scores.parquet").to_pydict()
+    assert out["key"] == keys and out["status"][failed] == "failed"
+
+    def unit(x):
+        return x / math.sqrt(float(x @ x))
+
+    for i in range(n):
+        if i == failed:
+            assert all(out[c][i] is None for c in ("cosine", "dn_score", "p_i2t", "p_t2i", "loss", "clean_prob"))
+            continue
+        skip = {j for j, k in enumerate(bank_keys) if k == keys[i]}
+        losses, posteriors = [], []
+        for j, ck in enumerate(checkpoints):
+            v = unit(emb[f"image_emb_{j}"][i]) - lam * ck["mu_v"]  # retrieval-form DN: centred after normalising
+            t = unit(emb[f"text_emb_{j}"][i]) - lam * ck["mu_t"]
+            log_i2t = hand_log_posterior(v, t, ck["bank_t"], ck["scale"], skip)
+            log_t2i = hand_log_posterior(t, v, ck["bank_v"], ck["scale"], skip)
+            posteriors.append((math.exp(log_i2t), math.exp(log_t2i)))
+            losses.append(-(log_i2t + log_t2i) / 2)
+        loss = sum(losses) / len(losses)
+        v0, t0 = unit(emb["image_emb_0"][i]), unit(emb["text_emb_0"][i])
+        ck0 = checkpoints[0]
+        w, mu, var = mixture["weights"], mixture["means"], mixture["variances"]
+        density = [w[c] / math.sqrt(2 * math.pi * var[c]) * math.exp(-(loss - mu[c]) ** 2 / (2 * var[c])) for c in (0, 1)]
+        expected = {"cosine": float(v0 @ t0), "dn_score": float((v0 - lam * ck0["mu_v"]) @ (t0 - lam * ck0["mu_t"])),
+                    "p_i2t": posteriors[0][0], "p_t2i": posteriors[0][1], "loss": loss,
+                    "clean_prob": density[0] / (density[0] + density[1])}
+        for name, value in expected.items():
+            assert out[name][i] == pytest.approx(value, rel=2e-6, abs=1e-6), (name, i)
+
+
+def test_the_teachers_learned_scale_is_exp_of_its_logit_scale():
+    """The posterior's s is exp(logit_scale) of the teacher (open_clip stores log s)."""
+    import train.models  # noqa: F401  (registers softcurate-tiny)
+    from curate.teacher import logit_scale
+
+    model = __import__("open_clip").create_model("softcurate-tiny")
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(20.0))
+    assert logit_scale(model) == pytest.approx(20.0, rel=1e-6)
