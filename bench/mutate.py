@@ -203,12 +203,16 @@ MUTATIONS = [
              'row = self.rows.get(sample["__key__"])',
              "row = self.rows.get(f\"{int(sample['__key__']) + 1:0{len(sample['__key__'])}d}\")",
              (BY_KEY + "[clip]",)),
-    Mutation("join-wrong-text-column", "train/loop.py",
-             '"teacher_text": "teacher_text_emb"', '"teacher_text": "teacher_image_emb"',
+    Mutation("join-wrong-text-column", "train/losses/softclip.py",
+             'else "teacher_text_emb")', 'else "teacher_image_emb")',
              (BY_KEY + "[clip]",)),
-    Mutation("sentence-targets-not-remapped", "train/loop.py",
-             'batch["teacher_text_emb"] = batch["text_teacher_emb"]', 'batch["teacher_text_emb"] = batch["teacher_text_emb"]',
+    Mutation("sentence-targets-not-remapped", "train/losses/softclip.py",
+             'teacher_text="sentence_emb" if text_targets', 'teacher_text="teacher_text_emb" if text_targets',
              (BY_KEY + "[sentence]",)),
+    Mutation("loop-drops-declared-fields", "train/loop.py",
+             'extras = {arg: batch[column].to(device) for arg, column in loss_fn.score_fields.items()}',
+             'extras = {arg: batch[column].to(device) for arg, column in loss_fn.score_fields.items() if arg != "teacher_text"}',
+             (BY_KEY + "[clip]",)),
 ]
 
 
