@@ -13,6 +13,8 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from train.files import atomic_write
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
@@ -409,5 +411,4 @@ def dump_config(config: Config) -> str:
 
 def save_config(config: Config, path: str) -> None:
     """Write the resolved config beside a stage's outputs."""
-    with fsspec.open(path, "w", encoding="utf-8") as f:
-        f.write(dump_config(config))
+    atomic_write(path, dump_config(config))

@@ -12,11 +12,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import fsspec
 import torch
 
 from pipelines.config import Config, ConfigError, expand_globs, join
-from pipelines.manifest import record_stage, write_json
+from pipelines.io import exists, record_stage, write_json
 from train.evaluate import (
     TEMPLATES,
     batched_encode,
@@ -58,8 +57,7 @@ def resolve_checkpoints(config: Config) -> list[str]:
     found = expand_globs(config.evaluate.checkpoints or [join(config.run_dir(), "checkpoints", "best.pt")],
                          "evaluate.checkpoints")
     for path in found:
-        fs, p = fsspec.core.url_to_fs(path)  # local or in the object store
-        if not fs.exists(p):
+        if not exists(path):  # local or in the object store
             raise ConfigError(f"evaluate: no checkpoint at {path}")
     return found
 

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from pipelines.config import WorldConfig
+from pipelines.io import atomic_open, atomic_write
 
 TRAIN, VAL, TEST, FAIL = 0, 1, 2, 3  # split ids in the RNG keys
 ATTRS = ("shape", "colour", "size", "position")
@@ -314,7 +315,7 @@ def build_world(cfg: WorldConfig, out_dir: str, seed: int) -> dict:
             "nouns": list(NOUNS),
             "templates": {"sentence": list(SENTENCE_TEMPLATES), "terse": list(TERSE_TEMPLATES),
                           "position_frames": list(POSITION_FRAMES), "boilerplate": list(BOILERPLATE)}}
-    write_atomic(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write(meta_path, json.dumps(meta, indent=2) + "\n")
     return summary(meta, out_dir)
 
 
@@ -410,8 +411,7 @@ def write_split(path: str, seed: int, split: int, n: int, cfg: WorldConfig) -> N
     """A clean split as one WebDataset tar: jpg, txt and json labels per sample."""
     import webdataset as wds  # here, not at the top: it imports torch (seconds, ~500 MB)
 
-    partial_path = path + ".partial"
-    with open(partial_path, "wb") as f, wds.TarWriter(f, mtime=0) as sink:  # fixed mtime: same bytes every run
+    with atomic_open(path) as f, wds.TarWriter(f, mtime=0) as sink:  # fixed mtime: same bytes every run
         for i in range(n):
             scene = make_scene(seed, split, i)
             objects = scene["objects"]
@@ -419,13 +419,6 @@ def write_split(path: str, seed: int, split: int, n: int, cfg: WorldConfig) -> N
             labels = {**objects[0], "objects": objects, "partial": spec["partial"]}
             sink.write({"__key__": f"{i:07d}", "jpg": jpeg(render(scene, cfg.image_size)), "txt": text,
                         "json": labels})
-    os.replace(partial_path, path)
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    with open(path + ".partial", "wb") as f:
-        f.write(data)
-    os.replace(path + ".partial", path)
 
 
 def read_meta(world_dir: str, missing_ok: bool = False) -> dict | None:
@@ -471,8 +464,8 @@ def write_url_list(world_dir: str, base_url: str) -> tuple[str, str]:
             captions.append(make_caption(objects, rng, meta["config"]["partial_caption"])[0])
             urls.append(f"{base}/fail/{kind}/{k}.jpg")
     tsv, parquet = os.path.join(world_dir, "urls.tsv"), os.path.join(world_dir, "urls.parquet")
-    write_atomic(tsv, "".join(f"{u}\t{c}\n" for u, c in zip(urls, captions)).encode("utf-8"))
+    atomic_write(tsv, "".join(f"{u}\t{c}\n" for u, c in zip(urls, captions)))
     table = pa.table({"url": urls, "caption": captions, "row": pa.array(range(len(urls)), pa.int64())})
-    pq.write_table(table, parquet + ".partial")
-    os.replace(parquet + ".partial", parquet)
+    with atomic_open(parquet) as f:
+        pq.write_table(table, f)
     return tsv, parquet

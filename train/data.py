@@ -103,7 +103,7 @@ def scores_path(shard_url: str) -> str:
 TRAIN_SCORE_COLUMNS = ("key", "clean_prob", "teacher_image_emb", "teacher_text_emb", "text_teacher_emb")
 
 
-def load_scores(path: str, columns: tuple[str, ...] | None = None) -> dict[str, dict] | None:
+def scores_by_key(path: str, columns: tuple[str, ...] | None = None) -> dict[str, dict] | None:
     """One shard's scores by key (those of `columns` the file has), or None when the score stage has
     not written them.
 
@@ -131,7 +131,7 @@ def check_scores(urls: list[str]) -> None:
     """Before training on scores: every shard has a scores file that covers every one of its samples."""
     for url in urls:
         path = scores_path(url)
-        rows = load_scores(path, ("key",))
+        rows = scores_by_key(path, ("key",))
         if rows is None:
             raise FileNotFoundError(f"{path}: missing; the loss needs the score stage's output for {url}")
         with fsspec.open(url.removesuffix(".tar") + ".parquet", "rb") as f:
@@ -152,7 +152,7 @@ class ScoreJoin:
     def __call__(self, sample: dict) -> dict:
         path = scores_path(sample["__url__"])
         if path != self.path:
-            self.path, self.rows = path, load_scores(path, TRAIN_SCORE_COLUMNS)
+            self.path, self.rows = path, scores_by_key(path, TRAIN_SCORE_COLUMNS)
         row = self.rows.get(sample["__key__"]) if self.rows is not None else None
         if row is None and self.required:
             raise KeyError(f"{sample['__url__']}: no scores for sample {sample['__key__']}")
