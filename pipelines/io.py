@@ -1,8 +1,8 @@
 """What the stages read and write: JSON, Parquet, shards, scores, output folders and the manifest.
 
-Every path is a local path or an fsspec url (s3://...). Every write goes through atomic_open
-(train/files.py): a file appears whole or not at all, so a killed run never leaves a half file
-under a final name. The dataset root's manifest.json records what produced what (stage, config
+Every path is a local path or an fsspec url (s3://...). Every file the stages write themselves
+(img2dataset writes the shards) goes through atomic_open (train/files.py): it appears whole or
+not at all, so a killed run never leaves a half file under a final name. The dataset root's manifest.json records what produced what (stage, config
 digest, versions, outputs, counts).
 """
 

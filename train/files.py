@@ -1,7 +1,7 @@
 """Writing a file, on local disk or in an object store (any fsspec url), so that it appears whole or not at all.
 
-Here (fsspec only, no torch) so that the train library's checkpoints and the pipelines' files
-(pipelines/io.py) share one implementation without the library depending on the pipelines.
+Here (fsspec only, no torch) so that the library's checkpoints and the stages' files (the stages'
+io module re-exports these) share one implementation, and the library depends on no stage code.
 """
 
 from __future__ import annotations
