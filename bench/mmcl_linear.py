@@ -240,9 +240,9 @@ PAPER_NOTEBOOK = {500: 0.448, 1000: 0.5207, 1500: 0.5665, 2000: 0.5765, 2500: 0.
 
 def plot(out: str, runs: list[str]) -> None:
     """Top-1 against N for each --json file given (mean +- std over seeds), the paper's curve beside them."""
-    from curate.report import _figure, _png
+    from curate.report import figure, png
 
-    fig = _figure(width=5.5, height=3.6)
+    fig = figure(width=5.5, height=3.6)
     ax = fig.subplots()
     for path in runs:
         run = json.loads(Path(path).read_text())
@@ -258,7 +258,7 @@ def plot(out: str, runs: list[str]) -> None:
     ax.set_ylabel("top-1 retrieval, 10k test pairs")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    Path(out).write_bytes(_png(fig))
+    Path(out).write_bytes(png(fig))
 
 
 def main() -> None:

@@ -23,9 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipelines.config import join, load_config  # noqa: E402
-from pipelines.curate import load_scores  # noqa: E402
-from pipelines.manifest import read_json  # noqa: E402
-from pipelines.world import read_truth  # noqa: E402
+from pipelines.io import read_json, read_scores  # noqa: E402
+from pipelines.world import world_truth  # noqa: E402
 from train.data import make_pipeline  # noqa: E402
 from train.evaluate import encode  # noqa: E402
 from train.losses import teacher_pairs  # noqa: E402
@@ -35,9 +34,9 @@ from train.models import create_model  # noqa: E402
 
 def pool_rows(config) -> pl.DataFrame:
     """The rejected rows with their teacher embeddings, their caption and their true caption."""
-    scores, _, _ = load_scores(config, ["key", "row", "teacher_image_emb", "teacher_text_emb"])
+    scores, _, _ = read_scores(config, ["key", "row", "teacher_image_emb", "teacher_text_emb"])
     rejected = pl.read_parquet(join(config.curate_dir(), "keep.parquet")).filter(~pl.col("keep")).select("key")
-    truth = read_truth(config, ("row", "caption", "clean_caption", "noisy"))
+    truth = world_truth(config, ("row", "caption", "clean_caption", "noisy"))
     return rejected.join(scores, on="key").join(truth, on="row").sort("key")
 
 

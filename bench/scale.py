@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from curate.teacher import fast_path, prepare  # noqa: E402
 from pipelines.config import WorldConfig, load_config  # noqa: E402
 from pipelines.distributor import dask_client  # noqa: E402
+from pipelines.io import read_shard  # noqa: E402
 from pipelines.score import run_score  # noqa: E402
-from pipelines.score_tasks import read_shard  # noqa: E402
 from pipelines.shard import run_shard  # noqa: E402
 from pipelines.world import build_world, serving, write_url_list  # noqa: E402
 from pipelines.world_server import serve_world  # noqa: E402

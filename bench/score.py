@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.shard import timed  # noqa: E402
 from curate.teacher import embed, fast_path, prepare, stack_images  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
-from pipelines.score_tasks import read_shard  # noqa: E402
+from pipelines.io import read_shard  # noqa: E402
 from train.models import create_model, save_checkpoint  # noqa: E402
 
 BIN = Path(sys.executable).parent

@@ -21,14 +21,13 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipelines.config import join, load_config  # noqa: E402
-from pipelines.curate import load_scores  # noqa: E402
-from pipelines.manifest import read_json  # noqa: E402
-from pipelines.world import read_truth  # noqa: E402
+from pipelines.io import read_json, read_scores  # noqa: E402
+from pipelines.world import world_truth  # noqa: E402
 
 
 def embeddings(config) -> tuple[dict[str, np.ndarray], pl.DataFrame, float]:
-    scores, _, _ = load_scores(config, ["row", "status", "teacher_image_emb", "teacher_text_emb"])
-    data = scores.filter(pl.col("status") == "scored").join(read_truth(config, ("row", "shape", "colour")), on="row")
+    scores, _, _ = read_scores(config, ["row", "status", "teacher_image_emb", "teacher_text_emb"])
+    data = scores.filter(pl.col("status") == "scored").join(world_truth(config, ("row", "shape", "colour")), on="row")
     unit = {}
     for side in ("image", "text"):
         x = np.stack(data[f"teacher_{side}_emb"].to_numpy()).astype(np.float32)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 import faiss
-import fsspec
 import numpy as np
 import torch
 
@@ -134,15 +133,9 @@ def recall_at_k(found_ids: np.ndarray, true_ids: np.ndarray) -> float:
     return float(np.mean(np.array(hits) / np.array(sizes))) if sizes else float("nan")
 
 
-def save_index(index: faiss.Index, path: str) -> None:
-    """To a local path or any fsspec url, under a temporary name first (a killed write never looks complete)."""
-    fs, p = fsspec.core.url_to_fs(path)
-    fs.makedirs(fs._parent(p), exist_ok=True)
-    with fs.open(p + ".tmp", "wb") as f:
-        f.write(faiss.serialize_index(index).tobytes())
-    fs.mv(p + ".tmp", p)
+def serialize_index(index: faiss.Index) -> bytes:
+    return faiss.serialize_index(index).tobytes()
 
 
-def load_index(path: str) -> faiss.Index:
-    with fsspec.open(path, "rb") as f:
-        return faiss.deserialize_index(np.frombuffer(f.read(), dtype=np.uint8))
+def deserialize_index(data: bytes) -> faiss.Index:
+    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))

@@ -50,14 +50,15 @@ GROUPED_GALLERIES = ("duplicate_images", "duplicate_captions")
 
 # ---- figures -------------------------------------------------------------------------------------
 
-def _figure(width: float = FIGSIZE[0], height: float = FIGSIZE[1]) -> Figure:
-    # A bare Figure on the Agg canvas: no pyplot global state, safe from any thread or worker.
+def figure(width: float = FIGSIZE[0], height: float = FIGSIZE[1]) -> Figure:
+    """A bare Figure on the Agg canvas: no pyplot global state, safe from any thread or worker."""
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _png(fig: Figure) -> bytes:
+def png(fig: Figure) -> bytes:
+    """The figure as PNG bytes, at the report's DPI."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)  # no bbox_inches="tight": keep the pixel size fixed
     return buf.getvalue()
@@ -101,7 +102,7 @@ def _draw_mixture(ax, bins: np.ndarray, mixture: dict) -> None:
 
 
 def _histogram(table: pl.DataFrame, column: str, mixture: dict | None) -> bytes:
-    fig = _figure()
+    fig = figure()
     ax = fig.add_subplot()
     x = _values(table, column)
     bins = _bins(x, column)
@@ -125,7 +126,7 @@ def _histogram(table: pl.DataFrame, column: str, mixture: dict | None) -> bytes:
     ax.set_title(TITLES[column], fontsize=10)
     ax.set_xlabel(column)
     ax.set_ylabel("density" if column == "loss" and mixture is not None else "pairs")
-    return _png(fig)
+    return png(fig)
 
 
 def histograms(table: pl.DataFrame, mixture: dict | None) -> dict[str, bytes]:
@@ -136,7 +137,7 @@ def histograms(table: pl.DataFrame, mixture: dict | None) -> dict[str, bytes]:
 def policy_curves(curves: dict[str, dict]) -> bytes:
     """One PNG: kept fraction against threshold, one subplot per policy (their x ranges differ)."""
     n = max(len(curves), 1)
-    fig = _figure(width=1.0 + 3.0 * n)
+    fig = figure(width=1.0 + 3.0 * n)
     axes = fig.subplots(1, n, sharey=True, squeeze=False)[0]
     if not curves:
         axes[0].text(0.5, 0.5, "no policies", ha="center", va="center", transform=axes[0].transAxes)
@@ -147,7 +148,7 @@ def policy_curves(curves: dict[str, dict]) -> bytes:
         ax.grid(alpha=0.3)
     axes[0].set_ylim(0.0, 1.0)
     axes[0].set_ylabel("kept fraction")
-    return _png(fig)
+    return png(fig)
 
 
 def figure_files(figures: dict[str, bytes]) -> dict[str, bytes]:

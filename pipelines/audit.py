@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 
-import fsspec
 import numpy as np
 import polars as pl
 from PIL import Image
@@ -19,22 +18,30 @@ from curate import report
 from curate.policies import apply_policy
 from curate.scores import auroc
 from pipelines.config import Config, join
-from pipelines.curate import load_scores
-from pipelines.manifest import atomic_write, read_json, record_stage, write_json
-from pipelines.score_tasks import read_shard
-from pipelines.world import read_truth
+from pipelines.io import (
+    atomic_write,
+    exists,
+    read_json,
+    read_parquet,
+    read_scores,
+    read_shard,
+    read_truth,
+    record_stage,
+    with_truth,
+    write_json,
+)
 
 THUMBNAIL = 112
 
 
 def run_audit(config: Config) -> dict:
     cfg = config.audit
-    scores, names, missing = load_scores(config)
+    scores, names, missing = read_scores(config)
     table = with_shard_rows(config, scores, names)
     summary = read_json(join(config.score_dir(), "_summary.json"), {})
-    truth = read_truth(config)
+    truth = read_truth(config.truth)
     if truth is not None:
-        table = table.join(truth, on="row", how="left")
+        table = with_truth(config, table, truth)
     scored = table.filter(pl.col("status") == "scored")
     facts = {
         "title": f"Noise audit of {config.root}",
@@ -70,11 +77,8 @@ def run_audit(config: Config) -> dict:
 
 def with_shard_rows(config: Config, scores: pl.DataFrame, names: list[str]) -> pl.DataFrame:
     """Scores joined with each sample's url and caption from its shard's parquet, and its source (url host)."""
-    rows = []
-    for name in names:
-        with fsspec.open(join(config.shard_dir(), name + ".parquet"), "rb") as f:
-            rows.append(pl.read_parquet(f, columns=["key", "url", "caption"]))
-    shard_rows = pl.concat(rows)
+    shard_rows = pl.concat([read_parquet(join(config.shard_dir(), name + ".parquet"), ["key", "url", "caption"])
+                            for name in names])
     return scores.join(shard_rows, on="key", how="left").with_columns(
         source=pl.col("url").str.extract(r"^[a-zA-Z][a-zA-Z0-9+.-]*://([^/:?#]+)", 1).fill_null("unknown"))
 
@@ -146,7 +150,7 @@ def source_facts(scored: pl.DataFrame) -> list[dict]:
 
 
 def detection_facts(known: pl.DataFrame, threshold: float) -> dict:
-    """Against the demo world's truth: AUROC, and precision/recall of flagging pairs as noisy.
+    """Against the labels table: AUROC, and precision/recall of flagging pairs as noisy.
 
     The cosine, DN and loss baselines flag as many pairs as clean_prob < threshold does, so the
     precision and recall compare like with like.
@@ -213,7 +217,7 @@ def thumbnails(config: Config, keys: set[str]) -> dict[str, bytes]:
     thumbs = {}
     for shard in sorted({k[:5] for k in keys}):  # img2dataset keys start with their shard number
         path = join(config.shard_dir(), f"{shard}.tar")
-        if not fsspec.core.url_to_fs(path)[0].exists(path):
+        if not exists(path):
             continue
         for sample in read_shard(path):
             if sample["__key__"] in keys and "jpg" in sample:

@@ -20,7 +20,7 @@ import fsspec
 import numpy as np
 
 from pipelines.config import COMPARE_DATA_KEYS, Config, ConfigError, join, load_config, set_key, validate
-from pipelines.manifest import read_json, record_stage, write_json
+from pipelines.io import atomic_write, exists, read_json, record_stage, write_json
 
 
 def run_compare(config: Config) -> dict:
@@ -28,11 +28,8 @@ def run_compare(config: Config) -> dict:
     results = run_rows(config, cfg.rows, cfg.seeds, cfg.budget, out)
     teacher = evaluate_teacher(config, out)
     text = table("compare", ([teacher] if teacher else []) + results, detection(config), cfg.rows)
-    fs, path = fsspec.core.url_to_fs(out)
-    with fs.open(join(path, "table.md"), "w") as f:
-        f.write(text)
-    with fs.open(join(path, "curves.png"), "wb") as f:
-        f.write(plot_curves("compare", results))
+    atomic_write(join(out, "table.md"), text)
+    atomic_write(join(out, "curves.png"), plot_curves("compare", results))
     summary = {"rows": summarize(results), "versus": versus(results, cfg.rows), "teacher": headline(teacher) if teacher else None,
                "seeds": cfg.seeds, "budget": cfg.budget}
     write_json(join(out, "summary.json"), summary)
@@ -126,8 +123,7 @@ def evaluate_teacher(config: Config, out: str) -> dict | None:
     from pipelines.evaluate import evaluate_checkpoint
 
     best = join(config.run_dir(), "checkpoints", "best.pt")
-    fs, path = fsspec.core.url_to_fs(best)
-    if not fs.exists(path):
+    if not exists(best):
         return None
     result = read_json(join(out, "teacher.json"))
     if result is None:
@@ -223,14 +219,14 @@ def table(title: str, results: list[dict], detection: dict | None, rows_spec: di
 def plot_curves(title: str, results: list[dict]) -> bytes:
     """Validation R@1 against step, one line per row (mean over its seeds), a panel per loss family,
     the CLIP baseline (clip_raw) dashed on every panel."""
-    from curate.report import _figure, _png
+    from curate.report import figure, png
 
     curves: dict[str, list] = {}
     for result in results:
         if result.get("val_curve"):
             curves.setdefault(result["row"], []).append(result["val_curve"])
     families = sorted({name.split("_")[0] for name in curves}) or ["(no runs)"]
-    fig = _figure(width=4.0 * len(families), height=3.2)
+    fig = figure(width=4.0 * len(families), height=3.2)
     axes = fig.subplots(1, len(families), sharey=True, squeeze=False)[0]
 
     def mean_curve(runs):
@@ -249,4 +245,4 @@ def plot_curves(title: str, results: list[dict]) -> bytes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     axes[0].set_ylabel("clean validation R@1")
-    return _png(fig)
+    return png(fig)

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from train.config import Strict, TrainConfig, UnpairedConfig, option  # noqa: F401  (the train stage's settings live in train/)
+from train.files import atomic_write
 
 
 class ConfigError(ValueError):
@@ -363,5 +364,4 @@ def dump_config(config: Config) -> str:
 
 def save_config(config: Config, path: str) -> None:
     """Write the resolved config beside a stage's outputs."""
-    with fsspec.open(path, "w", encoding="utf-8") as f:
-        f.write(dump_config(config))
+    atomic_write(path, dump_config(config))

@@ -11,6 +11,7 @@ exported shards are for other trainers (`python -m open_clip_train.main --train-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -20,49 +21,33 @@ import polars as pl
 import webdataset as wds
 
 from curate.policies import apply_policy
-from pipelines.config import Config, ConfigError, join
-from pipelines.manifest import read_json, record_stage, write_json, write_parquet
-from pipelines.score_tasks import read_shard
+from pipelines.config import Config, join
+from pipelines.io import (
+    TMP,
+    atomic_open,
+    prepare_output,
+    read_parquet,
+    read_scores,
+    read_shard,
+    record_stage,
+    write_json,
+    write_parquet,
+)
 
-SCORE_FIELDS = ["key", "row", "status", "error", "cosine", "dn_score", "loss", "clean_prob",
-                "image_nn_keys", "image_nn_sims", "text_nn_keys", "text_nn_sims"]
 MISMATCH = ("clean_prob", "cosine", "dn_score")  # reasons that say the caption does not fit the image
 CAPTION_ERRORS = ("empty caption", "caption is not UTF-8", "no caption in the sample")
-
-
-def load_scores(config: Config, columns: list[str] = SCORE_FIELDS) -> tuple[pl.DataFrame, list[str], list[str]]:
-    """Every shard's scores (by default without embeddings), the shards, and the shards whose scores are missing."""
-    done = read_json(join(config.shard_dir(), "_summary.json"))
-    if not done or not done["shards"]:
-        raise ConfigError(f"{config.shard_dir()} holds no complete shards; run the shard stage first")
-    names = [s.removesuffix(".tar") for s in done["shards"]]
-    tables, missing = [], []
-    for name in names:
-        path = join(config.score_dir(), name + ".parquet")
-        fs, p = fsspec.core.url_to_fs(path)
-        if not fs.exists(p):
-            missing.append(name)
-            continue
-        with fs.open(p, "rb") as f:
-            tables.append(pl.read_parquet(f, columns=columns).with_columns(shard=pl.lit(name)))
-    if not tables:
-        raise ConfigError(f"no scores in {config.score_dir()} for the {len(names)} shards; run the score stage first")
-    return pl.concat(tables), names, missing
 
 
 def run_curate(config: Config, export: bool | None = None) -> dict:
     cfg = config.curate
     out = config.curate_dir()
-    scores, names, missing = load_scores(config)
+    scores, names, missing = read_scores(config)
     if missing:
         print(f"curate: WARNING: no scores for {len(missing)} shard(s) ({', '.join(missing)}): their samples are left out")
     steps = [step.model_dump(exclude_defaults=True) for step in cfg.policy]
     decisions = apply_policy(scores, steps).with_columns(shard=scores["shard"])
-    fs, out_path = fsspec.core.url_to_fs(out)
-    fs.makedirs(out_path, exist_ok=True)
-    if fs.exists(join(out_path, "_summary.json")):  # it marks a finished run: gone until this one finishes
-        fs.rm(join(out_path, "_summary.json"))
-    write_parquet(decisions.drop("shard"), join(out, "keep.parquet"))
+    prepare_output(out, "curate")
+    write_parquet(join(out, "keep.parquet"), decisions.drop("shard"))
     kept = int(decisions["keep"].sum())
     summary = {"policy": steps, "pairs": len(decisions), "kept": kept, "dropped": len(decisions) - kept,
                "kept_fraction": kept / len(decisions) if len(decisions) else 0.0,
@@ -89,7 +74,7 @@ def export_shards(config: Config, decisions: pl.DataFrame, scores: pl.DataFrame,
     cfg = config.curate
     out = config.curate_dir()
     fs, out_path = fsspec.core.url_to_fs(out)
-    for old in fs.glob(out_path + "/*.tar") + fs.glob(out_path + "/*.tar.tmp") + fs.glob(out_path + "/*_stats.json"):
+    for old in fs.glob(out_path + "/*.tar") + fs.glob(out_path + "/*.tar" + TMP) + fs.glob(out_path + "/*_stats.json"):
         # a previous export, or what a killed one left
         fs.rm(old)
     for pool in ("unpaired_images", "unpaired_texts"):
@@ -127,8 +112,7 @@ def export_shards(config: Config, decisions: pl.DataFrame, scores: pl.DataFrame,
 
 
 def failed_downloads(config: Config, name: str) -> list[tuple[str, str]]:
-    with fsspec.open(join(config.shard_dir(), name + ".parquet"), "rb") as f:
-        rows = pl.read_parquet(f, columns=["key", "status", "caption"])
+    rows = read_parquet(join(config.shard_dir(), name + ".parquet"), ["key", "status", "caption"])
     rows = rows.filter((pl.col("status") != "success") & pl.col("caption").is_not_null() & (pl.col("caption").str.strip_chars() != ""))
     return list(rows.select("key", "caption").iter_rows())
 
@@ -138,9 +122,7 @@ class Writer:
 
     def __init__(self, out: str, sizes: list[int] | None, per_shard: int | None = None):
         self.out, self.sizes, self.per_shard = out, sizes, per_shard
-        self.fs, self.path = fsspec.core.url_to_fs(out)
-        self.fs.makedirs(self.path, exist_ok=True)
-        self.shard, self.count, self.total, self.tar, self.file, self.written = -1, 0, 0, None, None, []
+        self.shard, self.count, self.total, self.tar, self.pending, self.written = -1, 0, 0, None, None, []
 
     def capacity(self) -> float:
         if self.sizes is not None:
@@ -158,17 +140,15 @@ class Writer:
         self.finish()
         self.shard += 1
         self.count = 0
-        name = f"{self.path}/{self.shard:05d}.tar"
-        self.file = self.fs.open(name + ".tmp", "wb")
-        self.tar = wds.TarWriter(self.file, user="softcurate", group="softcurate", mtime=0)
+        self.pending = contextlib.ExitStack()  # the tar's atomic_open, held open across write() calls
+        stream = self.pending.enter_context(atomic_open(f"{self.out}/{self.shard:05d}.tar"))
+        self.tar = wds.TarWriter(stream, user="softcurate", group="softcurate", mtime=0)
 
     def finish(self) -> None:
         if self.tar is None:
             return
         self.tar.close()
-        self.file.close()
-        name = f"{self.path}/{self.shard:05d}.tar"
-        self.fs.mv(name + ".tmp", name)
+        self.pending.close()  # the tar under its name
         write_json(f"{self.out}/{self.shard:05d}_stats.json", {"count": self.count, "successes": self.count})
         self.written.append(f"{self.out}/{self.shard:05d}.tar")
         self.tar = None

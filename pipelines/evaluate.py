@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import fsspec
 import torch
 
 from pipelines.config import Config, ConfigError, ZeroShotTask, expand_globs, join
-from pipelines.manifest import record_stage, write_json
+from pipelines.io import exists, record_stage, write_json
 from train.evaluate import (
     TEMPLATES,
     batched_encode,
@@ -52,8 +51,7 @@ def resolve_checkpoints(config: Config) -> list[str]:
     found = expand_globs(config.evaluate.checkpoints or [join(config.run_dir(), "checkpoints", "best.pt")],
                          "evaluate.checkpoints")
     for path in found:
-        fs, p = fsspec.core.url_to_fs(path)  # local or in the object store
-        if not fs.exists(p):
+        if not exists(path):  # local or in the object store
             raise ConfigError(f"evaluate: no checkpoint at {path}")
     return found
 
@@ -151,11 +149,6 @@ def class_index(label, classnames: list[str], field: str) -> int:
         return classnames.index(label)
     raise ConfigError(f"evaluate: label {label!r} of field {field!r} is neither a class index (0..{len(classnames) - 1}) "
                       f"nor one of the {len(classnames)} class names")
-
-
-def exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.exists(path)
 
 
 def seeded_means(image, text, cfg, model=None, preprocess=None, tokenizer=None, device=None, source=None) -> list:

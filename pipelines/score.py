@@ -4,8 +4,8 @@
     seeded samples of the embeddings ─▶ DN means, reference bank, mixture fit (driver; memory bounded by the samples)
     _embed/NNNNN.parquet + those globals ─▶ score (Dask, one task per shard) ─▶ scores/NNNNN.parquet ─▶ _summary.json
 
-The tasks themselves (what runs on the workers) are in pipelines/score_tasks.py. Every file is
-written under a temporary name and renamed, rows are sorted by key and every random
+The tasks themselves (what runs on the workers) are in pipelines/score_tasks.py. Every file
+appears whole or not at all (pipelines/io.py), rows are sorted by key and every random
 choice is a seeded hash of the key, so a re-run, a resumed run and an uninterrupted one give the same bytes.
 """
 
@@ -36,9 +36,18 @@ from curate.scores import (
 )
 from pipelines.config import Config, ConfigError, expand_globs, join, save_config
 from pipelines.distributor import dask_client
-from pipelines.manifest import read_json, record_stage, write_json
-from pipelines.score_tasks import column, embed_shard, load_teachers, read_table, score_shard, scored_embeddings
-from pipelines.world import read_truth
+from pipelines.io import (
+    atomic_write,
+    exists,
+    finished_shards,
+    prepare_output,
+    read_table,
+    read_truth,
+    record_stage,
+    with_truth,
+    write_json,
+)
+from pipelines.score_tasks import column, embed_shard, load_teachers, score_shard, scored_embeddings
 
 SAMPLE_SEEDS = {"dn": 1, "bank": 2, "mixture": 3}  # offsets of the config seed: three independent samples
 
@@ -48,22 +57,21 @@ def run_score(config: Config) -> dict:
     cfg = config.score
     out = config.score_dir()
     started = time.time()
-    shards = score_shards(config)
+    shards = finished_shards(config)
     teacher = teacher_spec(config)
     load_teachers(teacher)  # a teacher that cannot be loaded fails here, before any work
-    fs, out_path = fsspec.core.url_to_fs(out)
-    prepare_output(fs, out_path, out, {"teacher": teacher, "shards": [os.path.basename(s) for s in shards],
-                                       "params": result_params(cfg, config.seed)}, cfg.overwrite)
+    prepare_output(out, "score", cfg.overwrite, {"teacher": teacher, "shards": [os.path.basename(s) for s in shards],
+                                                 "params": result_params(cfg, config.seed)})
     save_config(config, join(out, "_config.yaml"))
     names = [os.path.basename(s).removesuffix(".tar") for s in shards]
     embed_paths = [join(out, "_embed", n + ".parquet") for n in names]
     score_paths = [join(out, n + ".parquet") for n in names]
     print(f"score: {len(shards)} shards, teacher {teacher['model']} x {len(teacher['checkpoints'])} checkpoint(s), "
-          f"{sum(fs.exists(p) for p in score_paths)} already scored")
+          f"{sum(exists(p) for p in score_paths)} already scored")
     wall = {"start": time.time() - started}  # wall seconds of each phase: where the time goes
     with dask_client(cfg.scheduler, cfg.processes, gpu=teacher["device"] == "cuda") as client:
         wall["cluster"] = time.time() - started - sum(wall.values())
-        todo = [(s, p) for s, p in zip(shards, embed_paths) if not fs.exists(p)]
+        todo = [(s, p) for s, p in zip(shards, embed_paths) if not exists(p)]
         embedded, failed = run_tasks(client, "embed", [(embed_shard, s, p, teacher, cfg.batch_size, cfg.threads)
                                                        for s, p in todo])
         if failed:
@@ -72,7 +80,7 @@ def run_score(config: Config) -> dict:
         state = global_state(embed_paths, teacher, cfg, config.seed)
         search = neighbour_index(embed_paths, out, state, cfg, config.seed)
         wall["globals"] = time.time() - started - sum(wall.values())
-        todo = [(e, p) for e, p in zip(embed_paths, score_paths) if not fs.exists(p)]
+        todo = [(e, p) for e, p in zip(embed_paths, score_paths) if not exists(p)]
         shared = client.scatter(state, broadcast=True) if todo else None  # the bank goes to each worker once
         scored, failed = run_tasks(client, "score", [(score_shard, e, p, shared, search, cfg.threads)
                                                      for e, p in todo])
@@ -86,13 +94,6 @@ def run_score(config: Config) -> dict:
     record_stage(config, "score", {"output": out, "teacher": teacher, "counts": summary["counts"]})
     print_summary(summary)
     return summary
-
-
-def score_shards(config: Config) -> list[str]:
-    done = read_json(join(config.shard_dir(), "_summary.json"))
-    if not done or not done["shards"]:
-        raise ConfigError(f"{config.shard_dir()} holds no complete shards; run the shard stage first")
-    return [join(config.shard_dir(), name) for name in done["shards"]]
 
 
 def teacher_spec(config: Config) -> dict:
@@ -115,11 +116,6 @@ def looks_like_path(checkpoint: str) -> bool:
     return "/" in checkpoint or checkpoint.endswith((".pt", ".bin", ".safetensors"))
 
 
-def exists(path: str) -> bool:
-    fs, p = fsspec.core.url_to_fs(path)
-    return fs.exists(p)
-
-
 def file_digest(path: str) -> str:
     h = hashlib.sha256()
     with fsspec.open(path, "rb") as f:  # a local checkpoint or one in the object store
@@ -133,19 +129,6 @@ def result_params(cfg, seed: int) -> dict:
     keys = ("batch_size", "dn_lambda", "dn_samples", "bank_size", "mixture_samples", "neighbours", "neighbour_search",
             "exact_limit", "faiss_index", "nprobe", "threads")
     return {"seed": seed, **{k: getattr(cfg, k) for k in keys}}
-
-
-def prepare_output(fs, out_path: str, out: str, identity: dict, overwrite: bool) -> None:
-    """Resume only onto scores of the same teacher, shards and parameters; start afresh when asked."""
-    if overwrite and fs.exists(out_path):
-        fs.rm(out_path, recursive=True)
-    previous = read_json(join(out, "_state.json"))
-    if previous and previous != identity:
-        changed = [k for k in identity if previous.get(k) != identity[k]]
-        raise ConfigError(f"{out} holds scores of another {' and '.join(changed)}; set score.overwrite=true to "
-                          "discard them, or choose another score.output")
-    fs.makedirs(join(out_path, "_embed"), exist_ok=True)
-    write_json(join(out, "_state.json"), identity)
 
 
 def run_tasks(client, name: str, tasks: list[tuple]) -> tuple[list[dict], list[str]]:
@@ -241,7 +224,7 @@ def neighbour_index(embed_paths: list[str], out: str, state: dict, cfg, seed: in
         index = nn.build_index(np.concatenate(embs).astype(np.float32), np.concatenate(ids), factory=search["factory"],
                                seed=seed)
         search[side] = join(out, "_index", f"{side}.faiss")
-        nn.save_index(index, search[side])
+        atomic_write(search[side], nn.serialize_index(index))
         search[f"{side}_built"] = time.time_ns()  # workers keep an index read in an earlier run: this tells them apart
     return search
 
@@ -284,11 +267,12 @@ def summarize(config: Config, score_paths: list[str], state: dict, search: dict,
 
 
 def detection(config: Config, table: pa.Table, teacher: dict) -> dict | None:
-    """Where the demo world's truth table exists: AUROC of each score for finding the injected noise."""
-    truth = read_truth(config)
+    """With a labels table (`truth`): AUROC of each score for finding the pairs it calls noisy."""
+    truth = read_truth(config.truth, ())
     if truth is None:
         return None
-    known = pl.from_arrow(table).filter(pl.col("status") == "scored").join(truth.select("row", "noisy"), on="row")
+    scored = pl.from_arrow(table).filter(pl.col("status") == "scored")
+    known = with_truth(config, scored, truth).filter(pl.col("noisy").is_not_null())
     noisy = known["noisy"].to_numpy()
     if noisy.all() or not noisy.any():
         return None

@@ -1,7 +1,7 @@
 """What the score stage's Dask tasks run on the workers: teacher embeddings of a shard, and its scores.
 
 Each worker loads the teacher(s) and reads the neighbour indexes once and keeps them for every
-task it gets. The shared helpers (reading shards, parquet columns) live here too.
+task it gets.
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-import webdataset as wds
 
-import train.data  # noqa: F401  (registers fsspec with webdataset: read_shard opens s3:// shards too)
 from curate import neighbours as nn
 from curate.dn import dn_center, normalise
 from curate.scores import clean_probability, cosine_score, pair_loss, pair_posterior
@@ -34,6 +32,7 @@ from curate.teacher import (
     stack_images,
 )
 from pipelines.config import ConfigError
+from pipelines.io import read_shard, read_table, write_table
 
 _TEACHERS: dict = {}
 MISSING = "missing from the tar (truncated or corrupt shard)"
@@ -66,12 +65,6 @@ def load_teachers(spec: dict) -> dict:
                           "fast": fast_path(models[0]),
                           "text": text, "device": device}
     return _TEACHERS[key]
-
-
-def read_shard(url: str) -> list[dict]:
-    """A shard's samples sorted by key (img2dataset writes them in download order)."""
-    samples = list(wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=wds.warn_and_continue)))
-    return sorted(samples, key=lambda s: s["__key__"])
 
 
 def embed_shard(url: str, out: str, spec: dict, batch_size: int, threads: int) -> dict:
@@ -128,7 +121,7 @@ def embed_shard(url: str, out: str, spec: dict, batch_size: int, threads: int) -
     if teacher["text"] is not None:
         sentence = [embed_captions(teacher["text"], captions)] if captions else []
         columns["sentence_emb"] = scatter(sentence, good, len(samples), teacher["text"].get_sentence_embedding_dimension())
-    write_table(pa.table(columns), out)
+    write_table(out, pa.table(columns))
     return {"shard": os.path.basename(url), "samples": len(samples), "scored": len(good),
             "failed": len(samples) - len(good), "seconds": time.time() - started}
 
@@ -168,18 +161,6 @@ def scatter(parts: list[np.ndarray], good: list[int], n: int, dim: int) -> pa.Ar
     mask[good] = False
     flat = pa.array(values.ravel(), pa.float16())
     return pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(mask))
-
-
-def write_table(table: pa.Table, path: str) -> None:
-    fs, p = fsspec.core.url_to_fs(path)
-    with fs.open(p + ".tmp", "wb") as f:
-        pq.write_table(table, f, compression="zstd")
-    fs.mv(p + ".tmp", p)
-
-
-def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
-    with fsspec.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns, use_threads=False)
 
 
 def column(table: pa.Table, name: str) -> np.ndarray:
@@ -252,7 +233,7 @@ def score_shard(embed_path: str, out: str, state: dict, search: dict, threads: i
             columns[f"{side}_nn_keys"] = spread_lists(np.asarray([[f"{i:0{width}d}" if i >= 0 else None for i in row]
                                                                   for row in ids], dtype=object), where, len(keys), pa.string())
             columns[f"{side}_nn_sims"] = spread_lists(sims.astype(np.float32), where, len(keys), pa.float32())
-    write_table(pa.table(columns), out)
+    write_table(out, pa.table(columns))
     return {"shard": os.path.basename(out), "seconds": time.time() - started, "scored": int(scored.sum())}
 
 
@@ -264,7 +245,8 @@ def cached_index(path: str, built: int):
     key = (path, built)
     if key not in _INDEXES:
         _INDEXES.clear()
-        _INDEXES[key] = nn.load_index(path)
+        with fsspec.open(path, "rb") as f:
+            _INDEXES[key] = nn.deserialize_index(f.read())
     return _INDEXES[key]
 
 

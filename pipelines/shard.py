@@ -23,8 +23,8 @@ from img2dataset.writer import WebDatasetSampleWriter
 from pipelines.config import Config, ConfigError, join, save_config
 from pipelines.distributor import dask_client, dask_distributor
 from pipelines.fetch import REFUSED, BoundedResizer, PublicDownloader
-from pipelines.manifest import read_json, record_stage, write_json, write_parquet
-from pipelines.urllist import INTERNAL_HOST, REASONS, InputError, read_url_list, rows_digest, validate_rows
+from pipelines.io import prepare_output, read_json, read_parquet, record_stage, write_json, write_parquet
+from pipelines.urllist import INTERNAL_HOST, REASONS, read_url_list, rows_digest, validate_rows
 
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count: shards are named 00000.tar ...
 ROBOTS_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]  # img2dataset's default opt-outs
@@ -41,10 +41,11 @@ def run_shard(config: Config) -> dict:
     rows = read_url_list(path, fmt, cfg.input.url_col, cfg.input.caption_col, cfg.input.extra_cols)
     valid, rejected = validate_rows(rows, cfg.allow_private_urls)
     sizes = shard_sizes(valid.height, cfg.samples_per_shard)
-    prepare_output(fs, out_path, out, {"digest": rows_digest(valid), "samples_per_shard": cfg.samples_per_shard,
-                                       "rows": rows.height, "valid": valid.height}, cfg.overwrite)
-    write_parquet(valid, join(out, "_input.parquet"))
-    write_parquet(rejected, join(out, "_rejected.parquet"))
+    # the url list and the split decide which sample lands in which shard
+    prepare_output(out, "shard", cfg.overwrite, {"digest": rows_digest(valid), "samples_per_shard": cfg.samples_per_shard},
+                   state="_input.json")
+    write_parquet(join(out, "_input.parquet"), valid)
+    write_parquet(join(out, "_rejected.parquet"), rejected)
     save_config(config, join(out, "_config.yaml"))
     done = complete_shards(fs, out_path, sizes)
     forget_stats(fs, out_path, len(sizes), done)
@@ -74,19 +75,6 @@ def run_shard(config: Config) -> dict:
 
 def shard_sizes(n_rows: int, per_shard: int) -> list[int]:
     return [min(per_shard, n_rows - i * per_shard) for i in range(math.ceil(n_rows / per_shard))]
-
-
-def prepare_output(fs, out_path: str, out: str, state: dict, overwrite: bool) -> None:
-    """Refuse to resume shards made from another list or split; start afresh when asked."""
-    if overwrite and fs.exists(out_path):
-        fs.rm(out_path, recursive=True)
-    previous = read_json(join(out, "_input.json"))
-    if previous and {k: previous[k] for k in ("digest", "samples_per_shard")} != \
-            {k: state[k] for k in ("digest", "samples_per_shard")}:
-        raise InputError(f"{out} holds shards made from a different url list or samples_per_shard; "
-                         "set shard.overwrite=true to discard them, or choose another shard.output")
-    fs.makedirs(out_path, exist_ok=True)
-    write_json(join(out, "_input.json"), state)
 
 
 def shard_name(shard_id: int) -> str:
@@ -173,7 +161,7 @@ def summarize(fs, out_path: str, sizes: list[int], rejected: pl.DataFrame, secon
     names = [shard_name(i) for i in range(len(sizes))]
     stats = [read_stats(fs.unstrip_protocol(join(out_path, n + "_stats.json"))) for n in names]
     # only complete shards: an incomplete one's parquet may be cut short (it is listed as incomplete instead)
-    tables = [pl.read_parquet(fs.open(join(out_path, n + ".parquet"), "rb"), columns=["status", "error_message"])
+    tables = [read_parquet(fs.unstrip_protocol(join(out_path, n + ".parquet")), ["status", "error_message"])
               for n, s in zip(names, stats) if s]
     downloaded = pl.concat(tables) if tables else pl.DataFrame(schema={"status": pl.String, "error_message": pl.String})
     failures = pl.concat([downloaded.filter(pl.col("status") != "success"), rejected.select("status", "error_message")])

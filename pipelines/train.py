@@ -9,17 +9,14 @@ import os
 import subprocess
 import sys
 
-import fsspec
-
 from pipelines.config import Config, ConfigError, join, load_config, save_config
-from pipelines.manifest import read_json, record_stage, write_json
+from pipelines.io import finished_shards, prepare_output, read_json, record_stage, write_json
 
 
 def run_train(config: Config) -> dict:
     out = config.run_dir()
     config = resolve(config)
-    fs, out_path = fsspec.core.url_to_fs(out)  # a local folder or an object store (s3://...)
-    fs.makedirs(out_path, exist_ok=True)
+    prepare_output(out, "train")  # no identity: a run folder resumes from its latest.pt
     resolved = join(out, "_config.yaml")
     save_config(config, resolved)
     if config.train.nproc > 1 and "LOCAL_RANK" not in os.environ:
@@ -45,11 +42,10 @@ def resolve(config: Config) -> Config:
     cfg = config.train
     update = {"seed": cfg.seed if cfg.seed is not None else config.seed, "output": config.run_dir()}
     if not cfg.shards:
-        done = read_json(join(config.shard_dir(), "_summary.json"))
-        if not done or not done["shards"]:
-            raise ConfigError(f"train.shards is not set and {config.shard_dir()} holds no complete shards; "
-                              "run the shard stage first or set train.shards")
-        update["shards"] = "::".join(join(config.shard_dir(), name) for name in done["shards"])
+        try:
+            update["shards"] = "::".join(finished_shards(config))
+        except ConfigError as err:
+            raise ConfigError(f"train.shards is not set and {err} (or set train.shards)") from None
     summary = read_json(join(config.score_dir(), "_summary.json"))
     if cfg.loss == "softclip" and "tau_s" not in cfg.loss_args and summary:
         # SoftCLIP's teacher targets at the temperature the teacher learned (docs/METHODS.md section 1)

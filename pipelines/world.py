@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from pipelines.config import Config, ConfigError, WorldConfig, ZeroShotTask, join
+from pipelines.io import atomic_open, atomic_write
 
 TRAIN, VAL, TEST, FAIL = 0, 1, 2, 3  # split ids in the RNG keys
 ATTRS = ("shape", "colour", "size", "position")
@@ -379,7 +380,7 @@ def build_world(cfg: WorldConfig, out_dir: str, seed: int) -> dict:
             "nouns": list(NOUNS),
             "templates": {"sentence": list(SENTENCE_TEMPLATES), "terse": list(TERSE_TEMPLATES),
                           "position_frames": list(POSITION_FRAMES), "boilerplate": list(BOILERPLATE)}}
-    write_atomic(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write(meta_path, json.dumps(meta, indent=2) + "\n")
     return summary(meta, out_dir)
 
 
@@ -475,8 +476,7 @@ def write_split(path: str, seed: int, split: int, n: int, cfg: WorldConfig) -> N
     """A clean split as one WebDataset tar: jpg, txt and json labels per sample."""
     import webdataset as wds  # here, not at the top: it imports torch (seconds, ~500 MB)
 
-    partial_path = path + ".partial"
-    with open(partial_path, "wb") as f, wds.TarWriter(f, mtime=0) as sink:  # fixed mtime: same bytes every run
+    with atomic_open(path) as f, wds.TarWriter(f, mtime=0) as sink:  # fixed mtime: same bytes every run
         for i in range(n):
             scene = make_scene(seed, split, i)
             objects = scene["objects"]
@@ -486,13 +486,6 @@ def write_split(path: str, seed: int, split: int, n: int, cfg: WorldConfig) -> N
                 labels["zero_shot"] = {task: objects[0][task] for task in ZERO_SHOT}
             sink.write({"__key__": f"{i:07d}", "jpg": jpeg(render(scene, cfg.image_size)), "txt": text,
                         "json": labels})
-    os.replace(partial_path, path)
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    with open(path + ".partial", "wb") as f:
-        f.write(data)
-    os.replace(path + ".partial", path)
 
 
 def read_meta(world_dir: str, missing_ok: bool = False) -> dict | None:
@@ -510,8 +503,9 @@ FAILING_KINDS = {"http_404": "404", "http_500": "500", "timeout": "timeout", "tr
                  "html": "html"}
 
 
-def read_truth(config, columns: tuple[str, ...] = ("row", "noisy", "noise_type")) -> pl.DataFrame | None:
-    """The world's ground truth (by default row, noisy, noise_type) when the config has a built world, else None."""
+def world_truth(config, columns: tuple[str, ...]) -> pl.DataFrame | None:
+    """Columns of the world's truth.parquet (its objects, clean captions and noise, by row) when the config has
+    a built world, else None; the stages read only its labels, through `truth` (pipelines.io.read_truth)."""
     path = os.path.join(config.world_dir(), "truth.parquet") if config.world is not None else None
     if not path or not os.path.exists(path):
         return None
@@ -538,8 +532,8 @@ def write_url_list(world_dir: str, base_url: str) -> tuple[str, str]:
             captions.append(make_caption(objects, rng, meta["config"]["partial_caption"])[0])
             urls.append(f"{base}/fail/{kind}/{k}.jpg")
     tsv, parquet = os.path.join(world_dir, "urls.tsv"), os.path.join(world_dir, "urls.parquet")
-    write_atomic(tsv, "".join(f"{u}\t{c}\n" for u, c in zip(urls, captions)).encode("utf-8"))
+    atomic_write(tsv, "".join(f"{u}\t{c}\n" for u, c in zip(urls, captions)))
     table = pa.table({"url": urls, "caption": captions, "row": pa.array(range(len(urls)), pa.int64())})
-    pq.write_table(table, parquet + ".partial")
-    os.replace(parquet + ".partial", parquet)
+    with atomic_open(parquet) as f:
+        pq.write_table(table, f)
     return tsv, parquet

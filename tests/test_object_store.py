@@ -181,3 +181,9 @@ def test_a_world_in_the_store_is_one_clear_message(bucket):
     config = load_config(None, [f"root={bucket}/elsewhere", "world.n_train=10"])
     with pytest.raises(ConfigError, match="world.dir"):
         config.world_dir()
+
+
+def test_no_temporary_object_is_left_in_the_store(runs):
+    _, remote, _, _, _ = runs
+    stored = fsspec.filesystem("s3").find(remote.removeprefix("s3://"))
+    assert len(stored) > 50 and not [p for p in stored if p.endswith(".tmp")]

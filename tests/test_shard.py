@@ -12,9 +12,8 @@ import webdataset as wds
 from conftest import BIN, free_port, run_shard
 from dask.distributed import Client
 
-from pipelines.config import ShardConfig, load_config
+from pipelines.config import ConfigError, ShardConfig, load_config
 from pipelines.shard import failure_reason
-from pipelines.urllist import InputError
 from pipelines.world import build_world
 from pipelines.world_server import serve_world
 
@@ -115,7 +114,7 @@ def test_refuses_to_resume_from_another_split(sharded, tmp_path):
     shutil.copytree(base / "root", root)
     other = config.model_copy(update={"root": str(root), "shard": ShardConfig(**{
         **config.shard.model_dump(), "samples_per_shard": 50})})
-    with pytest.raises(InputError, match="different url list or samples_per_shard"):
+    with pytest.raises(ConfigError, match="holds the output of another samples_per_shard"):
         run_shard(other)
 
 

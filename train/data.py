@@ -99,7 +99,7 @@ def scores_path(shard_url: str) -> str:
     return f"{head}/scores/{name.removesuffix('.tar')}.parquet"
 
 
-def load_scores(path: str, columns: tuple[str, ...] | None = None) -> dict[str, dict] | None:
+def scores_by_key(path: str, columns: tuple[str, ...] | None = None) -> dict[str, dict] | None:
     """One shard's scores by key (those of `columns` the file has), or None when the score stage has
     not written them.
 
@@ -122,7 +122,7 @@ def check_scores(urls: list[str], columns: list[str] = ()) -> None:
     """Before training on scores: every shard has a scores file with `columns` that covers every one of its samples."""
     for url in urls:
         path = scores_path(url)
-        rows = load_scores(path, ("key",))
+        rows = scores_by_key(path, ("key",))
         if rows is None:
             raise FileNotFoundError(f"{path}: missing; the loss needs the score stage's output for {url}")
         with fsspec.open(path, "rb") as f:
@@ -150,7 +150,7 @@ class ScoreJoin:
     def __call__(self, sample: dict) -> dict:
         path = scores_path(sample["__url__"])
         if path != self.path:
-            self.path, self.rows = path, load_scores(path, self.columns)
+            self.path, self.rows = path, scores_by_key(path, self.columns)
         row = self.rows.get(sample["__key__"]) if self.rows is not None else None
         if row is None and self.required:
             raise KeyError(f"{sample['__url__']}: no scores for sample {sample['__key__']}")

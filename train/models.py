@@ -18,6 +18,8 @@ import open_clip
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
+from train.files import atomic_path
+
 CONFIG_DIR = Path(__file__).with_name("model_configs")
 open_clip.add_model_config(CONFIG_DIR)
 
@@ -77,20 +79,10 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
 
 
 def save_torch(obj, path: str | Path) -> None:
-    """torch.save to a local path or an fsspec url, so that a killed save never leaves a file that looks complete.
-
-    Locally: a temporary name renamed into place. In an object store: one put of the whole object,
-    which is atomic there (S3 has no rename; a copy + delete would be two requests and no safer).
-    """
-    fs, p = fsspec.core.url_to_fs(str(path))
-    if isinstance(fs, LocalFileSystem):
-        Path(p).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(obj, p + ".tmp")
-        os.replace(p + ".tmp", p)
-        return
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    fs.pipe_file(p, buffer.getvalue())
+    """torch.save to a local path or an fsspec url, so that a killed save never leaves a file that looks
+    complete (atomic_path: a rename locally, one put in an object store)."""
+    with atomic_path(str(path)) as local:
+        torch.save(obj, local)  # to a file name, which torch names the archive inside after: the same bytes anywhere
 
 
 def load_torch(path: str | Path, **kw):
