@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config key, e.g. --set shard.processes=4 (repeatable)")
         p.add_argument("--root", dest="root", default=argparse.SUPPRESS,
                        help="dataset root (a local path or fsspec url); overrides the config's root")
+        p.add_argument("--truth", dest="truth", default=argparse.SUPPRESS, metavar="TABLE",
+                       help="a labels table (Parquet or CSV: key, url or row, and noisy): score, audit and compare "
+                            "then report how well each score finds the noisy pairs")
         return p
 
     command("run", "run the stages the config lists (its `stages` key), in order")
@@ -118,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    values = {k: v for k, v in vars(args).items() if "." in k or k == "root"}
+    values = {k: v for k, v in vars(args).items() if "." in k or k in ("root", "truth")}
     try:
         config = load_config(args.config, args.overrides, values)
         stages = config.stages if args.command == "run" else [args.command]

@@ -71,6 +71,32 @@ def test_audit_reports_missing_scores_and_goes_on(scored, tmp_path):
     assert "00001" in (copy / "audit" / "index.html").read_text()
 
 
+def test_a_labels_table_of_a_users_own_by_url_or_key_gives_the_same_detection(scored, tmp_path):
+    """`--truth` takes any labels table: by url (CSV) or by key (Parquet), it reports what the world's own
+    truth (by row) does; a table without the columns it needs is a one-line error."""
+    root, score_summary = scored
+    shards = pl.concat([pl.read_parquet(p, columns=["key", "url", "row"]) for p in sorted((root / "shards").glob("0*.parquet"))])
+    world = pl.read_parquet(root / "world" / "truth.parquet", columns=["row", "noisy"])
+    labels = shards.join(world, on="row").with_columns(noisy=pl.col("noisy").cast(pl.Int8))  # 0/1, as a CSV would have it
+    labels.select("url", "noisy").write_csv(tmp_path / "by_url.csv")
+    labels.select("key", pl.col("noisy").cast(pl.Boolean)).write_parquet(tmp_path / "by_key.parquet")
+    expected = {row["score"]: row["auroc"] for row in run_audit(config_for(root, f"audit.output={tmp_path / 'world'}"))
+                ["detection"]["rows"]}
+    for table in ("by_url.csv", "by_key.parquet"):
+        out = tmp_path / f"audit_{table.split('.')[0]}"
+        done = subprocess.run([str(BIN / "softcurate"), "audit", "--root", str(root),
+                               "--truth", str(tmp_path / table), "--set", f"audit.output={out}"], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        rows = json.loads((out / "summary.json").read_text())["detection"]["rows"]
+        assert {row["score"]: row["auroc"] for row in rows} == pytest.approx(expected)
+    assert expected["clean_prob"] == pytest.approx(score_summary["detection"]["auroc"]["clean_prob"])
+    labels.select("url").write_csv(tmp_path / "no_noisy.csv")
+    done = subprocess.run([str(BIN / "softcurate"), "audit", "--root", str(root), "--truth",
+                           str(tmp_path / "no_noisy.csv"), "--set", f"audit.output={tmp_path / 'bad'}"], capture_output=True, text=True)
+    assert done.returncode == 2 and "needs a column noisy and one of key, url, row" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_curate_keep_list_export_and_pools_reconcile(scored, tmp_path):
     root, _ = scored
     out = tmp_path / "curated"
