@@ -19,10 +19,10 @@ from train.evaluate import (
     TEMPLATES,
     batched_encode,
     class_embeddings,
-    dn_means,
     read_folder,
     read_split,
     retrieval,
+    sample_means,
     with_dn,
     zero_shot,
 )
@@ -161,7 +161,7 @@ def seeded_means(image, text, cfg, model=None, preprocess=None, tokenizer=None, 
         text = batched_encode(model, device, texts=unlabeled["texts"])
     if text is None:  # an image folder: no captions, DN centres the images only
         text = torch.zeros_like(image[:1])
-    return [dn_means(image, text, cfg.dn_samples, seed) for seed in range(cfg.dn_seeds)]
+    return [sample_means(image, text, cfg.dn_samples, seed) for seed in range(cfg.dn_seeds)]
 
 
 def read_classnames(path: str) -> list[str]:

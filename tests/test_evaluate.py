@@ -13,7 +13,7 @@ import webdataset as wds
 from conftest import BIN
 from PIL import Image
 
-from train.evaluate import dn_means, retrieval, retrieval_recall, tokens, with_dn, zero_shot
+from train.evaluate import retrieval, retrieval_recall, sample_means, tokens, with_dn, zero_shot
 
 
 def test_zero_shot_and_retrieval_on_known_features():
@@ -74,15 +74,15 @@ def test_dn_means_are_means_of_seeded_samples_of_each_modality():
     image = torch.zeros(12, 1, 3, dtype=torch.float64)
     image[:, 0, 0] = 2.0 ** torch.arange(12, dtype=torch.float64)
     text = -image.clone()
-    full_v, full_t = dn_means(image, text, 12, seed=3)
+    full_v, full_t = sample_means(image, text, 12, seed=3)
     torch.testing.assert_close(full_v, image.mean(0))
     torch.testing.assert_close(full_t, text.mean(0))
-    mu_v, mu_t = dn_means(image, text, 5, seed=3)
+    mu_v, mu_t = sample_means(image, text, 5, seed=3)
     assert mu_v.shape == (1, 3) and mu_v[0, 0] > 0 > mu_t[0, 0]  # image mean from images, text mean from texts
     for mu in (mu_v, -mu_t):
         assert bin(round(5 * mu[0, 0].item())).count("1") == 5  # five distinct rows
-    assert torch.equal(dn_means(image, text, 5, seed=3)[0], mu_v)  # seeded
-    assert not torch.equal(dn_means(image, text, 5, seed=4)[0], mu_v)
+    assert torch.equal(sample_means(image, text, 5, seed=3)[0], mu_v)  # seeded
+    assert not torch.equal(sample_means(image, text, 5, seed=4)[0], mu_v)
 
 
 # ---------------------------------------------------------------- DN against the formula written out by hand

@@ -61,7 +61,7 @@ def class_embeddings(model, tokenizer, classnames: list[str], templates, device=
     return tokens(torch.stack(rows))
 
 
-def dn_means(image: torch.Tensor, text: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_means(image: torch.Tensor, text: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Means of n seeded samples of each modality's (normalised) features: DN's only statistics."""
     pick = torch.randperm(len(image), generator=torch.Generator().manual_seed(seed))[:n]
     return image[pick].mean(0), text[torch.randperm(len(text), generator=torch.Generator().manual_seed(seed + 1))[:n]].mean(0)
