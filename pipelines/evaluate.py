@@ -119,7 +119,7 @@ def evaluate_checkpoint(config: Config, checkpoint: str) -> dict:
                                                    means, cfg)
     elif cfg.classnames:
         classnames = read_classnames(cfg.classnames)
-        labels = [lab if isinstance(lab, int) else classnames.index(lab) for lab in split["labels"]]
+        labels = label_indices(split["labels"], classnames, cfg.label_field)
         classes = class_embeddings(model, tokenizer, classnames, templates, device)
         result["zero_shot"][cfg.label_field] = with_dn(zero_shot, means, image=image, classes=classes,
                                                        labels=torch.tensor(labels), lam=cfg.dn_lambda)
@@ -152,6 +152,34 @@ def seeded_means(image, text, cfg, model=None, preprocess=None, tokenizer=None, 
     if text is None:  # an image folder: no captions, DN centres the images only
         text = torch.zeros_like(image[:1])
     return [dn_means(image, text, cfg.dn_samples, seed) for seed in range(cfg.dn_seeds)]
+
+
+def label_indices(labels: list, classnames: list[str], field: str) -> list[int]:
+    """Each label as a class index: an int, or an integer in string form (CSV columns arrive as strings),
+    is an index; any other string is a class name. When every string label is a class name, strings are
+    read as names, since class names may be numbers themselves."""
+    names = {name: i for i, name in enumerate(classnames)}
+    as_names = all(lab in names for lab in labels if isinstance(lab, str))
+    return [label_index(lab, names, as_names, field) for lab in labels]
+
+
+def label_index(label, names: dict[str, int], as_names: bool, field: str) -> int:
+    index = as_integer(label)
+    if isinstance(label, str) and label in names and (as_names or index is None):
+        return names[label]
+    if index is not None and 0 <= index < len(names):
+        return index
+    raise ConfigError(f"evaluate: label {label!r} of evaluate.label_field={field} is neither a class index "
+                      f"(0 to {len(names) - 1}) nor one of the {len(names)} class names")
+
+
+def as_integer(label) -> int | None:
+    if isinstance(label, int) and not isinstance(label, bool):
+        return label
+    try:
+        return int(label) if isinstance(label, str) else None
+    except ValueError:
+        return None
 
 
 def read_classnames(path: str) -> list[str]:
