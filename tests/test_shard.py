@@ -3,10 +3,12 @@
 import json
 import shutil
 import subprocess
+import tarfile
 import time
 
 import duckdb
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from conftest import BIN, free_port
@@ -104,6 +106,50 @@ def test_rerun_skips_complete_shards_and_redoes_a_partial_one(sharded, tmp_path)
     assert {p.name: p.stat().st_mtime_ns for p in shards.glob("0000[02]*")} == untouched
     assert (shards / "00001_stats.json").exists()
     assert len(read_samples(shards)) == N_TRAIN
+
+
+def in_key_order(names: list[str]) -> list[str]:
+    return sorted(names, key=lambda name: name.partition(".")[::2])
+
+
+@pytest.mark.slow
+def test_shards_are_canonical_and_a_rerun_finishes_a_killed_rewrite(sharded, tmp_path):
+    config, first, base = sharded
+    for tar in sorted((base / "root" / "shards").glob("0*.tar")):
+        with tarfile.open(tar) as t:
+            members = t.getmembers()
+        assert [m.name for m in members] == in_key_order([m.name for m in members])
+        assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {(0, 0, 0, "softcurate", "softcurate", 0o444)}
+        keys = pl.read_parquet(tar.with_suffix(".parquet"))["key"].to_list()
+        assert keys == sorted(keys)
+
+    # Killed after img2dataset finished shard 1, during its rewrite: the tar and parquet still in download
+    # order with the time in each header, the stats as img2dataset wrote them, a temporary file half written.
+    root = tmp_path / "root"
+    shutil.copytree(base / "root", root)
+    shard = root / "shards" / "00001"
+    canonical = {ext: shard.with_suffix(ext).read_bytes() for ext in (".tar", ".parquet")}
+    with tarfile.open(shard.with_suffix(".tar")) as t:
+        samples = {}
+        for m in t.getmembers():
+            key, _, ext = m.name.partition(".")
+            samples.setdefault(key, {"__key__": key})[ext] = t.extractfile(m).read()
+    with wds.TarWriter(str(shard.with_suffix(".tar")), encoder=False) as sink:
+        for key in sorted(samples, reverse=True):
+            sink.write(samples[key])
+    rows = pq.read_table(shard.with_suffix(".parquet"))
+    pq.write_table(rows.take(list(reversed(range(rows.num_rows)))), shard.with_suffix(".parquet"))
+    stats = json.loads((root / "shards" / "00001_stats.json").read_text())
+    (root / "shards" / "00001_stats.json").write_text(json.dumps({k: v for k, v in stats.items() if k not in
+                                                                  ("canonical", "canonical_seconds")}))
+    (root / "shards" / "00001.tar.tmp").write_bytes(canonical[".tar"][:5000])
+
+    again = run_shard(config.model_copy(update={"root": str(root)}))
+    assert again["counts"] == first["counts"] and not again["incomplete_shards"]
+    assert {ext: shard.with_suffix(ext).read_bytes() for ext in (".tar", ".parquet")} == canonical
+    finished = json.loads((root / "shards" / "00001_stats.json").read_text())
+    assert finished["canonical"] and finished["start_time"] == stats["start_time"]  # rewritten, not downloaded again
+    assert not list((root / "shards").glob("*.tmp"))
 
 
 @pytest.mark.slow
