@@ -69,7 +69,7 @@ def load_teachers(spec: dict) -> dict:
 
 
 def read_shard(url: str) -> list[dict]:
-    """A shard's samples sorted by key (img2dataset writes them in download order)."""
+    """A shard's samples sorted by key (as the shard stage writes them; a shard made elsewhere may not be)."""
     samples = list(wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=wds.warn_and_continue)))
     return sorted(samples, key=lambda s: s["__key__"])
 
