@@ -125,19 +125,25 @@ def complete_shards(fs, out_path: str, sizes: list[int]) -> set[int]:
     done = set()
     for shard_id, size in enumerate(sizes):
         base = join(out_path, shard_name(shard_id))
-        if not (fs.exists(base + ".tar") and fs.exists(base + ".parquet")):
-            continue
-        stats = read_stats(fs.unstrip_protocol(base + "_stats.json"))  # read_json takes a url (s3://...)
-        try:
-            with fs.open(base + ".parquet", "rb") as f:
-                rows = pq.ParquetFile(f).metadata.num_rows
-        except (OSError, ValueError):  # pyarrow's ArrowInvalid: a parquet cut short by a kill has no footer
-            continue
-        if stats and stats.get("count") == size == rows:
+        stats = finished_stats(fs, base)
+        if stats and stats["count"] == size:
             if not stats.get(CANONICAL):  # killed between img2dataset's end and the rewrite's: finish it, no download
                 canonical_shard(fs, base)
             done.add(shard_id)
     return done
+
+
+def finished_stats(fs, base: str) -> dict | None:
+    """A shard's stats when img2dataset has finished it (tar, parquet, then stats, whose count is the parquet's rows)."""
+    if not (fs.exists(base + ".tar") and fs.exists(base + ".parquet")):
+        return None
+    stats = read_stats(fs.unstrip_protocol(base + "_stats.json"))  # read_json takes a url (s3://...)
+    try:
+        with fs.open(base + ".parquet", "rb") as f:
+            rows = pq.ParquetFile(f).metadata.num_rows
+    except (OSError, ValueError):  # pyarrow's ArrowInvalid: a parquet cut short by a kill has no footer
+        return None
+    return stats if stats and stats.get("count") == rows else None
 
 
 def canonical_shard(fs, base: str) -> None:
@@ -175,11 +181,16 @@ class CanonicalShards:
         self.downloader, self.out = downloader, out
 
     def __call__(self, row):
-        status, row = self.downloader(row)
-        if status:
-            fs, out_path = fsspec.core.url_to_fs(self.out)
-            canonical_shard(fs, join(out_path, shard_name(row[0])))
-        return status, row
+        fs, out_path = fsspec.core.url_to_fs(self.out)
+        base = join(out_path, shard_name(row[0]))
+        # Finished already: this task ran before and its worker died during the rewrite. img2dataset has
+        # deleted its input shard by then, so only the rewrite is left to do.
+        if finished_stats(fs, base) is None:
+            status, row = self.downloader(row)
+            if not status:
+                return status, row
+        canonical_shard(fs, base)
+        return True, row
 
 
 def read_stats(path: str) -> dict | None:
