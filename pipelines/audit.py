@@ -104,7 +104,7 @@ def count_facts(config: Config, table: pl.DataFrame) -> dict:
     counts = shard.get("counts", {})
     failures = [{"stage": "shard", "reason": f"{r['status']}: {r['reason']}", "count": r["count"]}
                 for r in shard.get("failures_by_reason", [])]
-    score_failures = table.filter(pl.col("status") == "failed").group_by("error").len().sort("len", descending=True)
+    score_failures = table.filter(pl.col("status") == "failed").group_by("error").len().sort("len", "error", descending=[True, False])
     failures += [{"stage": "score", "reason": e, "count": c} for e, c in score_failures.iter_rows()]
     scored = int((table["status"] == "scored").sum())
     failed = len(table) - scored

@@ -126,7 +126,7 @@ def task_result(model, tokenizer, device, image, metas: list[dict], task: ZeroSh
     if not labelled:
         raise ConfigError(f"evaluate: no sample of evaluate.data has the label field {task.label_field!r}")
     rows = [i for i, _ in labelled]
-    labels = torch.tensor([class_index(label, classnames, task.label_field) for _, label in labelled])
+    labels = torch.tensor(label_indices([label for _, label in labelled], classnames, task.label_field))
     classes = class_embeddings(model, tokenizer, classnames, task.templates or cfg.templates or TEMPLATES, device)
     return {**with_dn(zero_shot, means, image=image[rows], classes=classes, labels=labels, lam=cfg.dn_lambda),
             "images": len(rows), "classes": len(classnames)}
@@ -137,18 +137,6 @@ def json_field(meta: dict, field: str):
     for part in field.split("."):
         meta = meta.get(part) if isinstance(meta, dict) else None
     return meta
-
-
-def class_index(label, classnames: list[str], field: str) -> int:
-    """A label as a class index: an integer (also in string form, as CSV columns arrive) or a class name."""
-    if isinstance(label, str) and label.strip().lstrip("-").isdigit():
-        label = int(label)
-    if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(classnames):
-        return label
-    if isinstance(label, str) and label in classnames:
-        return classnames.index(label)
-    raise ConfigError(f"evaluate: label {label!r} of field {field!r} is neither a class index (0..{len(classnames) - 1}) "
-                      f"nor one of the {len(classnames)} class names")
 
 
 def seeded_means(image, text, cfg, model=None, preprocess=None, tokenizer=None, device=None, source=None) -> list:
@@ -162,6 +150,34 @@ def seeded_means(image, text, cfg, model=None, preprocess=None, tokenizer=None, 
     if text is None:  # an image folder: no captions, DN centres the images only
         text = torch.zeros_like(image[:1])
     return [sample_means(image, text, cfg.dn_samples, seed) for seed in range(cfg.dn_seeds)]
+
+
+def label_indices(labels: list, classnames: list[str], field: str) -> list[int]:
+    """Each label as a class index: an int, or an integer in string form (CSV columns arrive as strings),
+    is an index; any other string is a class name. When every string label is a class name, strings are
+    read as names, since class names may be numbers themselves."""
+    names = {name: i for i, name in enumerate(classnames)}
+    as_names = all(lab in names for lab in labels if isinstance(lab, str))
+    return [label_index(lab, names, as_names, field) for lab in labels]
+
+
+def label_index(label, names: dict[str, int], as_names: bool, field: str) -> int:
+    index = as_integer(label)
+    if isinstance(label, str) and label in names and (as_names or index is None):
+        return names[label]
+    if index is not None and 0 <= index < len(names):
+        return index
+    raise ConfigError(f"evaluate: label {label!r} of the label field {field} is neither a class index "
+                      f"(0 to {len(names) - 1}) nor one of the {len(names)} class names")
+
+
+def as_integer(label) -> int | None:
+    if isinstance(label, int) and not isinstance(label, bool):
+        return label
+    try:
+        return int(label) if isinstance(label, str) else None
+    except ValueError:
+        return None
 
 
 def read_classnames(path: str) -> list[str]:

@@ -69,7 +69,7 @@ def write_table(path: str, table: pa.Table) -> None:
 
 # ---------------------------------------------------------------- shards and scores
 def read_shard(url: str) -> list[dict]:
-    """A shard's samples sorted by key (img2dataset writes them in download order)."""
+    """A shard's samples sorted by key (as the shard stage writes them; a shard made elsewhere may not be)."""
     import webdataset as wds  # here, not at the top: it imports torch (seconds, ~500 MB)
 
     import train.data  # noqa: F401  (registers fsspec with webdataset: s3:// shards open too)

@@ -3,19 +3,25 @@
     url list ─▶ read + validate (urllist) ─▶ _input.parquet ─▶ img2dataset Reader ─▶ input shards
              └▶ _rejected.parquet (a reason per row)            Downloader per shard on Dask ─▶ NNNNN.tar/.parquet/_stats.json
 
-A shard is complete when its `_stats.json` exists (img2dataset writes it last) and its counts match
-its parquet; a re-run skips complete shards and redoes the rest.
+img2dataset writes a shard's samples in download-completion order, with the time in each tar header;
+once it has finished a shard (its `_stats.json`, written last), the task rewrites the shard
+canonically (tar members in key order with fixed headers, parquet rows sorted by key) and marks its
+stats, so the same samples give the same bytes and everything downstream reads them in one order.
+A shard is complete when its stats are marked and its counts match its parquet; a re-run skips
+complete shards, finishes the rewrite of a shard that img2dataset finished, and redoes the rest.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import tarfile
 import time
 
 import fsspec
 import polars as pl
 import pyarrow.parquet as pq
+import webdataset as wds
 from img2dataset.downloader import Downloader
 from img2dataset.reader import Reader
 from img2dataset.writer import WebDatasetSampleWriter
@@ -28,6 +34,7 @@ from pipelines.urllist import INTERNAL_HOST, REASONS, read_url_list, rows_digest
 
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count: shards are named 00000.tar ...
 ROBOTS_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]  # img2dataset's default opt-outs
+CANONICAL = "canonical"  # the stats key that marks a shard rewritten by canonical_shard
 
 
 def run_shard(config: Config) -> dict:
@@ -85,17 +92,72 @@ def complete_shards(fs, out_path: str, sizes: list[int]) -> set[int]:
     done = set()
     for shard_id, size in enumerate(sizes):
         base = join(out_path, shard_name(shard_id))
-        if not (fs.exists(base + ".tar") and fs.exists(base + ".parquet")):
-            continue
-        stats = read_stats(fs.unstrip_protocol(base + "_stats.json"))  # read_json takes a url (s3://...)
-        try:
-            with fs.open(base + ".parquet", "rb") as f:
-                rows = pq.ParquetFile(f).metadata.num_rows
-        except (OSError, ValueError):  # pyarrow's ArrowInvalid: a parquet cut short by a kill has no footer
-            continue
-        if stats and stats.get("count") == size == rows:
+        stats = finished_stats(fs, base)
+        if stats and stats["count"] == size:
+            if not stats.get(CANONICAL):  # killed between img2dataset's end and the rewrite's: finish it, no download
+                canonical_shard(fs, base)
             done.add(shard_id)
     return done
+
+
+def finished_stats(fs, base: str) -> dict | None:
+    """A shard's stats when img2dataset has finished it (tar, parquet, then stats, whose count is the parquet's rows)."""
+    if not (fs.exists(base + ".tar") and fs.exists(base + ".parquet")):
+        return None
+    stats = read_stats(fs.unstrip_protocol(base + "_stats.json"))  # read_json takes a url (s3://...)
+    try:
+        with fs.open(base + ".parquet", "rb") as f:
+            rows = pq.ParquetFile(f).metadata.num_rows
+    except (OSError, ValueError):  # pyarrow's ArrowInvalid: a parquet cut short by a kill has no footer
+        return None
+    return stats if stats and stats.get("count") == rows else None
+
+
+def canonical_shard(fs, base: str) -> None:
+    """Rewrite a finished shard so the same samples give the same bytes: tar members sorted by key with
+    fixed headers (mtime 0, a fixed owner), parquet rows sorted by key; each file under a temporary
+    name, then renamed over the old one. Its stats are marked last: until then the shard is not
+    complete, and a re-run rewrites it again (the rewrite of a canonical shard gives the same bytes)."""
+    started = time.time()
+    with fs.open(base + ".tar", "rb") as src, tarfile.open(fileobj=src, mode="r:") as tar, \
+            fs.open(base + ".tar.tmp", "wb") as dst, \
+            wds.TarWriter(dst, encoder=False, user="softcurate", group="softcurate", mtime=0) as sink:
+        sample: dict = {}
+        for member in sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name.partition(".")[::2]):
+            key, _, ext = member.name.partition(".")  # webdataset's key: the name up to its first dot
+            if sample and sample["__key__"] != key:  # one sample in memory at a time; TarWriter orders its members
+                sink.write(sample)
+                sample = {}
+            sample.update({"__key__": key, ext: tar.extractfile(member).read()})
+        if sample:
+            sink.write(sample)
+    fs.mv(base + ".tar.tmp", base + ".tar")
+    with fs.open(base + ".parquet", "rb") as f:
+        table = pq.read_table(f, use_threads=False)
+    with fs.open(base + ".parquet.tmp", "wb") as f:
+        pq.write_table(table.sort_by("key"), f)
+    fs.mv(base + ".parquet.tmp", base + ".parquet")
+    stats = fs.unstrip_protocol(base + "_stats.json")
+    write_json(stats, {**read_json(stats), CANONICAL: True, "canonical_seconds": round(time.time() - started, 3)})
+
+
+class CanonicalShards:
+    """The download task: img2dataset's downloader, then canonical_shard on the shard it finished."""
+
+    def __init__(self, downloader, out: str):
+        self.downloader, self.out = downloader, out
+
+    def __call__(self, row):
+        fs, out_path = fsspec.core.url_to_fs(self.out)
+        base = join(out_path, shard_name(row[0]))
+        # Finished already: this task ran before and its worker died during the rewrite. img2dataset has
+        # deleted its input shard by then, so only the rewrite is left to do.
+        if finished_stats(fs, base) is None:
+            status, row = self.downloader(row)
+            if not status:
+                return status, row
+        canonical_shard(fs, base)
+        return True, row
 
 
 def read_stats(path: str) -> dict | None:
@@ -114,7 +176,7 @@ def forget_stats(fs, out_path: str, n_shards: int, done: set[int]) -> None:
             fs.rm(stats)
 
 
-def img2dataset_parts(config: Config, out: str, done: set[int]) -> tuple[Reader, PublicDownloader]:
+def img2dataset_parts(config: Config, out: str, done: set[int]) -> tuple[Reader, CanonicalShards]:
     """img2dataset's own Reader and Downloader, configured as its `download()` would."""
     cfg = config.shard
     reader = Reader(join(out, "_input.parquet"), "parquet", "url", "caption", None, None,
@@ -133,7 +195,7 @@ def img2dataset_parts(config: Config, out: str, done: set[int]) -> tuple[Reader,
         verify_hash_type=None, encode_format=cfg.encode_format, retries=cfg.retries, user_agent_token=None,
         disallowed_header_directives=ROBOTS_DIRECTIVES)
     # Each connection (and redirect) only to public addresses, unless private urls are allowed.
-    return reader, PublicDownloader(downloader, cfg.allow_private_urls)
+    return reader, CanonicalShards(PublicDownloader(downloader, cfg.allow_private_urls), out)
 
 
 def failure_reason(error_message: str | None) -> str:
@@ -160,6 +222,7 @@ def failure_reason(error_message: str | None) -> str:
 def summarize(fs, out_path: str, sizes: list[int], rejected: pl.DataFrame, seconds: float, input_rows: int) -> dict:
     names = [shard_name(i) for i in range(len(sizes))]
     stats = [read_stats(fs.unstrip_protocol(join(out_path, n + "_stats.json"))) for n in names]
+    stats = [s if s and s.get(CANONICAL) else None for s in stats]  # a shard not rewritten yet is not complete
     # only complete shards: an incomplete one's parquet may be cut short (it is listed as incomplete instead)
     tables = [read_parquet(fs.unstrip_protocol(join(out_path, n + ".parquet")), ["status", "error_message"])
               for n, s in zip(names, stats) if s]
@@ -180,6 +243,7 @@ def summarize(fs, out_path: str, sizes: list[int], rejected: pl.DataFrame, secon
         "seconds": round(seconds, 2),
         "images_per_second": round(successes / seconds, 1) if seconds else None,
         "shard_task_seconds": round(shard_seconds, 2),
+        "canonical_seconds": round(sum(s.get("canonical_seconds", 0.0) for s in stats if s), 2),
     }
 
 

@@ -73,7 +73,8 @@ def test_shard_on_an_existing_cluster_matches_the_local_cluster(scored, cluster,
     local = json.loads((root / "shards" / "_summary.json").read_text())
     assert summary["counts"] == local["counts"] and summary["shards"] == local["shards"]
     assert not summary["incomplete_shards"]
-    # Tars are in download order, so compare samples by key: the same key holds the same row, caption and image.
+    # Each sample's json carries its url, whose port is the serving run's, so compare samples by key:
+    # the same key holds the same row, caption and image.
     assert samples_by_key(tmp_path / "root" / "shards") == samples_by_key(root / "shards")
     assert rows_by_key(tmp_path / "root" / "shards").equals(rows_by_key(root / "shards"))
 

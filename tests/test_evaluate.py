@@ -7,6 +7,7 @@ import json
 import subprocess
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 import webdataset as wds
@@ -293,3 +294,41 @@ def test_cli_on_a_labelled_webdataset_and_an_image_folder(setup, tmp_path):
     assert "zero-shot folder top1" in folder.stdout
     missing = evaluate("--root", str(tmp_path), "--checkpoints", str(tmp_path / "nope.pt"))
     assert missing.returncode == 2 and "no checkpoint at" in missing.stderr
+
+
+@pytest.mark.slow
+def test_cli_on_shards_made_from_a_csv_with_a_numeric_label_column(setup, tmp_path):
+    """A CSV's extra columns reach the json as strings: a label of digits is a class index, a label that is
+    neither an index nor a class name is a one-line error."""
+    from pipelines.world import VOCAB
+    from pipelines.world_server import serve_world
+
+    colours = list(VOCAB["colour"])
+    truth = pl.read_parquet(setup / "world" / "truth.parquet")
+    digits = [str(colours.index(c)) for c in truth["colour"]]
+    (tmp_path / "classes.txt").write_text("\n".join(colours) + "\n")
+    with serve_world(str(setup / "world")) as url:
+        pl.DataFrame({"url": [f"{url}/images/{name}" for name in truth["image"]], "caption": truth["clean_caption"],
+                      "digit": digits, "colour": truth["colour"], "bad": digits[:-1] + [str(len(colours))]}
+                     ).write_csv(tmp_path / "urls.csv")
+        shard = subprocess.run([str(BIN / "softcurate"), "shard", "--input", str(tmp_path / "urls.csv"), "--root", str(tmp_path),
+                                "--set", "shard.input.extra_cols=[digit, colour, bad]", "--processes", "1", "--threads", "4",
+                                "--image-size", "64", "--allow-private-urls"], capture_output=True, text=True, timeout=300)
+    assert shard.returncode == 0, shard.stderr[-2000:]
+
+    def labelled(field):
+        return evaluate("--root", str(tmp_path), "--checkpoints", str(setup / "stock.pt"), "--data",
+                        str(tmp_path / "shards" / "00000.tar"), "--set", f"evaluate.label_field={field}", "--classnames",
+                        str(tmp_path / "classes.txt"), "--dn-samples", "5", "--output", str(tmp_path / field))
+
+    for field in ("digit", "colour"):
+        result = labelled(field)
+        assert result.returncode == 0, result.stderr[-2000:]
+    by_index, by_name = (json.loads((tmp_path / f / "stock.json").read_text()) for f in ("digit", "colour"))
+    assert by_index["pairs"] == truth.height and 0 <= by_index["zero_shot"]["digit"]["dot"]["top1"] <= 1
+    assert by_index["zero_shot"]["digit"] == by_name["zero_shot"]["colour"]  # index i is the i-th class name
+    bad = labelled("bad")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        f"softcurate evaluate: error: evaluate: label '{len(colours)}' of the label field bad is neither a class "
+        f"index (0 to {len(colours) - 1}) nor one of the {len(colours)} class names"]

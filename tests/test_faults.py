@@ -4,8 +4,8 @@ killed in the middle of shard, score, audit, curate and train, and one torchrun 
 Each kill waits for the stage's first output (a shard's _stats.json, a first embedding file, the
 first figure, the keep-list, the first checkpoint) so it lands in the middle. The re-run must
 finish with no sample lost or doubled, and give the bytes of an uninterrupted run (scores, keep-list,
-export, audit) or its samples by key (shards, whose tars are in download order) or its final
-weights (train).
+export, audit) or its samples by key (shards: each sample's json carries its url, and the re-run
+serves the world on another loopback port) or its final weights (train).
 """
 
 import hashlib

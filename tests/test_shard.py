@@ -3,17 +3,19 @@
 import json
 import shutil
 import subprocess
+import tarfile
 import time
 
 import duckdb
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from conftest import BIN, free_port, run_shard
 from dask.distributed import Client
 
 from pipelines.config import ConfigError, ShardConfig, load_config
-from pipelines.shard import failure_reason
+from pipelines.shard import CanonicalShards, failure_reason
 from pipelines.world import build_world
 from pipelines.world_server import serve_world
 
@@ -105,6 +107,69 @@ def test_rerun_skips_complete_shards_and_redoes_a_partial_one(sharded, tmp_path)
     assert {p.name: p.stat().st_mtime_ns for p in shards.glob("0000[02]*")} == untouched
     assert (shards / "00001_stats.json").exists()
     assert len(read_samples(shards)) == N_TRAIN
+
+
+def in_key_order(names: list[str]) -> list[str]:
+    return sorted(names, key=lambda name: name.partition(".")[::2])
+
+
+def as_killed_during_the_rewrite(shard) -> dict:
+    """A shard as img2dataset left it: tar and parquet in download order (the time in each tar header), its
+    stats unmarked; and a temporary file half written. Returns the stats."""
+    with tarfile.open(shard.with_suffix(".tar")) as t:
+        samples = {}
+        for m in t.getmembers():
+            key, _, ext = m.name.partition(".")
+            samples.setdefault(key, {"__key__": key})[ext] = t.extractfile(m).read()
+    with wds.TarWriter(str(shard.with_suffix(".tar")), encoder=False) as sink:
+        for key in sorted(samples, reverse=True):
+            sink.write(samples[key])
+    rows = pq.read_table(shard.with_suffix(".parquet"))
+    pq.write_table(rows.take(list(reversed(range(rows.num_rows)))), shard.with_suffix(".parquet"))
+    stats_path = shard.parent / f"{shard.name}_stats.json"
+    stats = {k: v for k, v in json.loads(stats_path.read_text()).items() if k not in ("canonical", "canonical_seconds")}
+    stats_path.write_text(json.dumps(stats))
+    shard.with_suffix(".tar.tmp").write_bytes(b"\0" * 5000)
+    return stats
+
+
+@pytest.mark.slow
+def test_shards_are_canonical_and_a_killed_rewrite_is_finished_without_a_download(sharded, tmp_path, capsys):
+    config, first, base = sharded
+    for tar in sorted((base / "root" / "shards").glob("0*.tar")):
+        with tarfile.open(tar) as t:
+            members = t.getmembers()
+        assert [m.name for m in members] == in_key_order([m.name for m in members])
+        assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {(0, 0, 0, "softcurate", "softcurate", 0o444)}
+        keys = pl.read_parquet(tar.with_suffix(".parquet"))["key"].to_list()
+        assert keys == sorted(keys)
+
+    root = tmp_path / "root"
+    shutil.copytree(base / "root", root)
+    shard = root / "shards" / "00001"
+    canonical = {ext: shard.with_suffix(ext).read_bytes() for ext in (".tar", ".parquet")}
+
+    def finished(stats):
+        assert {ext: shard.with_suffix(ext).read_bytes() for ext in (".tar", ".parquet")} == canonical
+        marked = json.loads((root / "shards" / "00001_stats.json").read_text())
+        assert marked["canonical"] and marked["start_time"] == stats["start_time"]  # rewritten, not downloaded again
+        assert not list((root / "shards").glob("*.tmp"))
+
+    # The worker died during the rewrite and Dask runs the task again: img2dataset has deleted its input shard.
+    def no_download(row):
+        raise AssertionError("downloaded again")
+
+    stats = as_killed_during_the_rewrite(shard)
+    assert CanonicalShards(no_download, str(root / "shards"))((1, "deleted.feather")) == (True, (1, "deleted.feather"))
+    finished(stats)
+
+    # The whole run died during the rewrite: the re-run finishes it.
+    stats = as_killed_during_the_rewrite(shard)
+    capsys.readouterr()
+    again = run_shard(config.model_copy(update={"root": str(root)}))
+    assert again["counts"] == first["counts"] and not again["incomplete_shards"]
+    assert "3 shards, 3 already complete, 0 to do" in capsys.readouterr().out
+    finished(stats)
 
 
 @pytest.mark.slow
