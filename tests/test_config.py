@@ -94,3 +94,19 @@ def test_a_compare_row_is_checked_as_train_settings():
     config = load_config(None, [], {"compare.rows": {"ok": {"loss": "softclip", "curate": [{"kind": "clean_prob", "min": 0.5}]}},
                                     "compare.budget": {"max_steps": 10}})
     assert config.compare_dir().endswith("/compare")
+
+
+def test_the_world_fills_only_what_the_config_leaves_unset(tmp_path):
+    """A demo config gets the world's splits, zero-shot tasks and labels table; what the user set is kept, and a
+    config without a world gets none of them (the stages never look for one)."""
+    world = load_config(None, [f"root={tmp_path}"], {"world.n_train": 10})
+    assert world.train.val_shards == f"{tmp_path}/world/val.tar" and world.evaluate.data == f"{tmp_path}/world/test.tar"
+    assert world.evaluate.dn_data == f"{tmp_path}/world/val.tar" and world.truth == f"{tmp_path}/world/truth.parquet"
+    assert sorted(world.evaluate.tasks) == ["colour", "shape"]
+    assert world.evaluate.tasks["shape"].label_field == "zero_shot.shape" and "circle" in world.evaluate.tasks["shape"].classnames
+    own = load_config(None, [f"root={tmp_path}", "train.val_shards=mine.tar", "evaluate.data=eval.tar", "truth=labels.csv"],
+                      {"world.n_train": 10})
+    assert (own.train.val_shards, own.evaluate.data, own.evaluate.dn_data, own.truth) == ("mine.tar", "eval.tar", None, "labels.csv")
+    assert not load_config(None, ["world.n_val=0"], {"world.n_train": 10}).train.val_shards  # no split, no default
+    plain = load_config(None, [f"root={tmp_path}"])
+    assert (plain.train.val_shards, plain.evaluate.data, plain.evaluate.tasks, plain.truth) == (None, None, {}, None)
