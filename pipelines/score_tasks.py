@@ -73,9 +73,10 @@ def embed_shard(url: str, out: str, spec: dict, batch_size: int, threads: int) -
     torch.set_num_threads(threads)
     teacher = load_teachers(spec)
     samples = read_shard(url)
-    samples = sorted(samples + missing_samples(url, {s["__key__"] for s in samples}), key=lambda s: s["__key__"])
+    listed = listed_rows(url)
+    samples = sorted(samples + missing_samples(listed, {s["__key__"] for s in samples}), key=lambda s: s["__key__"])
     keys = [s["__key__"] for s in samples]
-    rows = [sample_row(s) for s in samples]
+    rows = [sample_row(s, listed) for s in samples]
     errors: list[str | None] = [None] * len(samples)
     good: list[int] = []
     captions: list[str] = []
@@ -126,30 +127,36 @@ def embed_shard(url: str, out: str, spec: dict, batch_size: int, threads: int) -
             "failed": len(samples) - len(good), "seconds": time.time() - started}
 
 
-def missing_samples(url: str, read: set[str]) -> list[dict]:
-    """Stubs for the samples the shard's parquet lists as successes that its tar did not yield.
-
-    A truncated or corrupt tar ends early (webdataset warns and goes on): each sample it lost
-    becomes a failure row with its reason, never a silently shorter shard.
-    """
+def listed_rows(url: str) -> dict[str, int | None]:
+    """The samples the shard's parquet lists as successes, by key, with their row in the url list; {} for a
+    shard made elsewhere (only its tar is known)."""
     fs, path = fsspec.core.url_to_fs(url.removesuffix(".tar") + ".parquet")
     if not fs.exists(path):
-        return []  # a shard made elsewhere: only its tar is known
+        return {}
     with fs.open(path, "rb") as f:
         names = pq.ParquetFile(f).schema_arrow.names
         f.seek(0)
         table = pq.read_table(f, columns=[c for c in ("key", "status", "row") if c in names], use_threads=False)
     rows = table.column("row").to_pylist() if "row" in table.column_names else [None] * table.num_rows
-    return [{"__key__": key, "__missing__": True, "json": json.dumps({"row": row}).encode()}
-            for key, status, row in zip(table.column("key").to_pylist(), table.column("status").to_pylist(), rows)
-            if status == "success" and key not in read]
+    return {key: row for key, status, row in zip(table.column("key").to_pylist(), table.column("status").to_pylist(), rows)
+            if status == "success"}
 
 
-def sample_row(sample: dict) -> int | None:
+def missing_samples(listed: dict[str, int | None], read: set[str]) -> list[dict]:
+    """Stubs for the listed samples that the tar did not yield.
+
+    A truncated or corrupt tar ends early (webdataset warns and goes on): each sample it lost
+    becomes a failure row with its reason, never a silently shorter shard.
+    """
+    return [{"__key__": key, "__missing__": True} for key in listed if key not in read]
+
+
+def sample_row(sample: dict, listed: dict[str, int | None]) -> int | None:
+    """A sample's row in the url list: from its json, or, for one the tar lost or cut short, from the shard's parquet."""
     try:
-        return json.loads(sample["json"]).get("row")
-    except (KeyError, ValueError):
-        return None
+        return json.loads(sample["json"])["row"]
+    except (KeyError, ValueError, TypeError):
+        return listed.get(sample["__key__"])
 
 
 def scatter(parts: list[np.ndarray], good: list[int], n: int, dim: int) -> pa.Array:
