@@ -195,7 +195,7 @@ def table(title: str, results: list[dict], detection: dict | None, rows_spec: di
     rows = summarize(results)
     lines = [f"### {title}", ""]
     if detection:
-        lines += ["noise detection (AUROC against the injected noise): "
+        lines += ["noise detection (AUROC against the labels table): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in detection["auroc"].items())
                   + f"; temperature indicator {detection['temperature_indicator']:.3g}", ""]
     if not rows:

@@ -277,7 +277,7 @@ def detection(config: Config, table: pa.Table, teacher: dict) -> dict | None:
     if noisy.all() or not noisy.any():
         return None
     values = {name: known[name].to_numpy() for name in ("cosine", "dn_score", "loss", "clean_prob")}
-    result = {"pairs": len(known), "noisy": int(noisy.sum()),
+    result = {"truth": config.truth, "pairs": len(known), "noisy": int(noisy.sum()),
               "auroc": {"clean_prob": auroc(noisy, -values["clean_prob"]), "loss": auroc(noisy, values["loss"]),
                         "cosine": auroc(noisy, -values["cosine"]), "dn_score": auroc(noisy, -values["dn_score"])}}
     if "loss_by_checkpoint" in known.columns:
@@ -298,7 +298,7 @@ def print_summary(summary: dict) -> None:
           f"{n['temperature_indicator']:.3g} (relative)")
     if summary["detection"]:
         a = summary["detection"]["auroc"]
-        print(f"  detection AUROC vs the world's truth: clean_prob {a['clean_prob']:.3f}, loss {a['loss']:.3f}, "
+        print(f"  detection AUROC vs {summary['detection']['truth']}: clean_prob {a['clean_prob']:.3f}, loss {a['loss']:.3f}, "
               f"cosine {a['cosine']:.3f}, DN {a['dn_score']:.3f}")
     phases = ", ".join(f"{k} {v}" for k, v in summary["seconds"]["wall"].items())
     print(f"  {summary['seconds']['total']} s ({phases}), {summary['pairs_per_second']} pairs/s, "
