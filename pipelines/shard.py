@@ -29,7 +29,17 @@ from img2dataset.writer import WebDatasetSampleWriter
 from pipelines.config import Config, ConfigError, join, save_config
 from pipelines.distributor import dask_client, dask_distributor
 from pipelines.fetch import REFUSED, BoundedResizer, PublicDownloader
-from pipelines.io import prepare_output, read_json, read_parquet, record_stage, write_json, write_parquet
+from pipelines.io import (
+    atomic_open,
+    prepare_output,
+    read_json,
+    read_parquet,
+    read_table,
+    record_stage,
+    write_json,
+    write_parquet,
+    write_table,
+)
 from pipelines.urllist import INTERNAL_HOST, REASONS, read_url_list, rows_digest, validate_rows
 
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count: shards are named 00000.tar ...
@@ -115,12 +125,12 @@ def finished_stats(fs, base: str) -> dict | None:
 
 def canonical_shard(fs, base: str) -> None:
     """Rewrite a finished shard so the same samples give the same bytes: tar members sorted by key with
-    fixed headers (mtime 0, a fixed owner), parquet rows sorted by key; each file under a temporary
-    name, then renamed over the old one. Its stats are marked last: until then the shard is not
+    fixed headers (mtime 0, a fixed owner), parquet rows sorted by key; each file replaced whole
+    (pipelines.io's atomic write). Its stats are marked last: until then the shard is not
     complete, and a re-run rewrites it again (the rewrite of a canonical shard gives the same bytes)."""
     started = time.time()
     with fs.open(base + ".tar", "rb") as src, tarfile.open(fileobj=src, mode="r:") as tar, \
-            fs.open(base + ".tar.tmp", "wb") as dst, \
+            atomic_open(fs.unstrip_protocol(base + ".tar")) as dst, \
             wds.TarWriter(dst, encoder=False, user="softcurate", group="softcurate", mtime=0) as sink:
         sample: dict = {}
         for member in sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name.partition(".")[::2]):
@@ -131,12 +141,8 @@ def canonical_shard(fs, base: str) -> None:
             sample.update({"__key__": key, ext: tar.extractfile(member).read()})
         if sample:
             sink.write(sample)
-    fs.mv(base + ".tar.tmp", base + ".tar")
-    with fs.open(base + ".parquet", "rb") as f:
-        table = pq.read_table(f, use_threads=False)
-    with fs.open(base + ".parquet.tmp", "wb") as f:
-        pq.write_table(table.sort_by("key"), f)
-    fs.mv(base + ".parquet.tmp", base + ".parquet")
+    parquet = fs.unstrip_protocol(base + ".parquet")
+    write_table(parquet, read_table(parquet).sort_by("key"))
     stats = fs.unstrip_protocol(base + "_stats.json")
     write_json(stats, {**read_json(stats), CANONICAL: True, "canonical_seconds": round(time.time() - started, 3)})
 
