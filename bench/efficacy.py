@@ -1,16 +1,21 @@
-"""The efficacy table: does each method beat its baseline on noisy data?
+"""The efficacy table: does each method beat its baseline on noisy data, and how much of the damage
+noise does (raw -> oracle) does it win back?
 
     python bench/efficacy.py configs/efficacy/noise20.yaml configs/efficacy/noise40.yaml   # the full run
     python bench/efficacy.py --smoke                                                        # CI's reduced run
     python bench/efficacy.py --tables-only ...                                              # table what exists
 
-For each world config: its chain (world, shards, teacher, scores, audit, curation) runs first, then
-every row of configs/efficacy/rows.yaml for every seed, with the same budget, as the compare stage
-trains and evaluates its rows (pipelines/compare.py); a row's result
-(its validation curve, the test metrics of its best-validation checkpoint, dot and DN) is written
-to docs/results/efficacy/<world>/<row>_s<seed>.json and skipped when it exists, so the full run
-can be spread over several sessions. The table (mean +- std over seeds) goes to
-docs/results/efficacy/<world>/<rows file>.md (rows.md, sweep.md) and is printed.
+First the teachers of `teachers:` in the rows file (a config each: a separate world and its train
+stage, e.g. configs/efficacy/teacher.yaml), then for each world config its chain (world, shards,
+self-taught teacher, scores, audit, curation) and the scores of every other teacher
+(<root>/scores_<teacher>), and the oracle shards: the same images with their true captions, made
+here from the world's truth table (nothing else ever reads the truth to decide anything). Then every
+row of the rows file for every seed, with the same budget, as the compare stage trains and evaluates
+its rows (pipelines/compare.py). A row with `teachers: [self, pretrained]` runs once per teacher
+(named ROW and ROW_pretrained); `pairs: oracle` trains on the oracle shards. A row's result is
+written to docs/results/efficacy/<world>/<row>_s<seed>.json and skipped when it exists, so the run
+can be spread over several sessions. The table (mean +- std over seeds, gains paired by seed, the
+share of the raw -> oracle gap recovered) goes to docs/results/efficacy/<world>/<rows file>.md.
 """
 
 from __future__ import annotations
@@ -28,22 +33,76 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipelines.cli import STAGES  # noqa: E402
 from pipelines.compare import detection, plot_curves, run_once, spread, summarize, table, versus  # noqa: E402
-from pipelines.config import load_config  # noqa: E402
+from pipelines.config import Config, join, load_config  # noqa: E402
+from pipelines.io import finished_shards, read_json  # noqa: E402
+from pipelines.score import run_score  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results" / "efficacy"
+SELF = "self"  # the teacher each world trains on its own noisy pairs (its chain's train stage)
 SMOKE = {"world": ["world.n_train=300", "world.n_val=60", "world.n_test=60", "shard.samples_per_shard=150",
                    "train.epochs=2", "train.batch_size=32", "curate.samples_per_shard=150"],
-         "rows": ["clip_raw", "clip_curated_cosine_top", "softclip_teacher"],  # cosine_top always keeps 70%
+         "teacher": ["world.n_train=400", "world.n_val=60", "world.n_test=0", "shard.samples_per_shard=200",
+                     "train.epochs=1", "train.batch_size=32"],
+         "rows": ["clip_raw", "clip_oracle", "clip_curated_cosine_top", "softclip_teacher"],
          "budget": {"max_steps": 12, "batch_size": 32, "warmup_steps": 2, "workers": 1, "checkpoint_every": 100, "log_every": 1}}
 
 
-def prepare_world(config_path: str, overrides: list[str]):
+def prepare_world(config_path: str, overrides: list[str]) -> Config:
     """The world's chain (each stage resumes or skips what is done)."""
     config = load_config(config_path, overrides)
     for stage in config.stages:
         STAGES[stage](config)
     return config
+
+
+def teacher_scores(config: Config, name: str, teacher: Config) -> dict:
+    """The score settings under which `teacher` (a config whose train stage ran) scores `config`'s shards."""
+    return {"output": join(config.root, f"scores_{name}"), "model": teacher.train.model,
+            "checkpoints": [join(teacher.run_dir(), "checkpoints", "best.pt")]}
+
+
+def expand_rows(rows: dict, scores: dict[str, dict]) -> dict:
+    """A row with `teachers: [...]` becomes one row per teacher (ROW for self, ROW_<teacher> for the others,
+    each reading that teacher's scores); a baseline that was expanded too is followed to its same-teacher row."""
+    expanded = {}
+    for name, row in rows.items():
+        row = dict(row)
+        for teacher in row.pop("teachers", [SELF]):
+            named = name if teacher == SELF else f"{name}_{teacher}"
+            base = row.get("baseline")
+            if base and teacher != SELF and teacher in rows.get(base, {}).get("teachers", []):
+                base = f"{base}_{teacher}"
+            expanded[named] = {**row, **({"baseline": base} if base else {}),
+                               **({"score": scores[teacher]} if teacher != SELF else {})}
+    return expanded
+
+
+def oracle_shards(config: Config) -> str:
+    """The shard stage's shards with every caption replaced by the pair's true one (the world's truth
+    table's clean_caption, by url-list row): the ceiling's training data, for this benchmark only."""
+    import webdataset as wds
+
+    from pipelines.world import world_truth
+
+    truth = world_truth(config, ("row", "clean_caption"))
+    true_caption = dict(zip(truth["row"].to_list(), truth["clean_caption"].to_list()))
+    out = Path(config.root) / "oracle" / "shards"
+    out.mkdir(parents=True, exist_ok=True)
+    urls = []
+    for shard in finished_shards(config):
+        name = Path(shard).name
+        urls.append(str(out / name))
+        if (out / name).exists():
+            continue
+        with wds.TarWriter(str(out / (name + ".partial")), mtime=0) as sink:
+            for sample in wds.WebDataset(shard, shardshuffle=False):
+                row = json.loads(sample["json"])["row"]
+                sink.write({**{k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"},
+                            "txt": true_caption[row].encode()})
+        shutil.copyfile(shard.removesuffix(".tar") + "_stats.json", out / name.replace(".tar", "_stats.json"))
+        (out / (name + ".partial")).rename(out / name)
+    return "::".join(urls)
 
 
 def across(by_world: dict[str, list[dict]], rows: dict) -> str:
@@ -76,44 +135,59 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="*", default=["configs/efficacy/noise20.yaml", "configs/efficacy/noise40.yaml"])
     parser.add_argument("--rows", default="configs/efficacy/rows.yaml")
-    parser.add_argument("--only", nargs="*", help="run only these rows")
-    parser.add_argument("--seeds", type=int, nargs="*", help="override the seeds of rows.yaml")
+    parser.add_argument("--only", nargs="*", help="run only these rows (names after expansion, e.g. softclip_teacher_pretrained)")
+    parser.add_argument("--seeds", type=int, nargs="*", help="override the seeds of the rows file")
     parser.add_argument("--tables-only", action="store_true", help="only table the results already written")
     parser.add_argument("--doc", help="refresh the tables of this document (docs/RESULTS.md) from the results")
-    parser.add_argument("--smoke", action="store_true", help="a tiny world, one seed, three rows, a few steps (CI)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny world, one seed, four rows, a few steps (CI)")
     parser.add_argument("--results", default=None, help=f"default {RESULTS.relative_to(ROOT)} (smoke: a temporary folder)")
     args = parser.parse_args()
     spec = yaml.safe_load(Path(args.rows).read_text())
-    seeds, budget, rows = spec["seeds"], spec["budget"], spec["rows"]
-    overrides, results_dir, tmp = [], Path(args.results or RESULTS), None
+    seeds, budget, rows, gap = spec["seeds"], spec["budget"], spec["rows"], spec.get("gap")
+    teachers = spec.get("teachers", {})
+    overrides, teacher_overrides, results_dir, tmp = [], [], Path(args.results or RESULTS), None
     if args.smoke:
         tmp = tempfile.mkdtemp(prefix="efficacy-smoke-")
         args.configs, seeds, budget = args.configs[:1], [0], {**budget, **SMOKE["budget"]}
         rows = {k: rows[k] for k in SMOKE["rows"]}
         overrides = [f"root={tmp}/world", *SMOKE["world"]]
+        teacher_overrides = [f"root={tmp}/teacher", *SMOKE["teacher"]]
         results_dir = Path(args.results) if args.results else Path(tmp) / "results"
-    rows = {k: v for k, v in rows.items() if not args.only or k in args.only}
+    load = (lambda path, extra: load_config(path, extra)) if args.tables_only else prepare_world
+    trained = {name: load(t["config"], teacher_overrides) for name, t in teachers.items()}
+    worlds = {Path(path).stem: load(path, overrides) for path in args.configs}
+    plans = {}
+    for world, config in worlds.items():
+        scores = {name: teacher_scores(config, name, teacher) for name, teacher in trained.items()}
+        plan = expand_rows(rows, scores)
+        if not args.tables_only:
+            for name, settings in scores.items():  # every teacher scores this world's shards once
+                run_score(config.model_copy(update={"score": config.score.model_copy(update=settings)}))
+            if any(row.get("pairs") == "oracle" for row in plan.values()):
+                oracle = oracle_shards(config)
+                plan = {n: ({**{k: v for k, v in r.items() if k != "pairs"}, "shards": oracle}
+                            if r.get("pairs") == "oracle" else r) for n, r in plan.items()}
+        plans[world] = {n: r for n, r in plan.items() if not args.only or n in args.only}
     seeds = args.seeds or seeds
-    load = (lambda path: load_config(path, overrides)) if args.tables_only else (lambda path: prepare_world(path, overrides))
-    worlds = {Path(path).stem: load(path) for path in args.configs}
     # seed-major, so that a run stopped part-way has every row and world at the first seeds
     for seed in [] if args.tables_only else seeds:
         for world, config in worlds.items():
-            for name, row in rows.items():
+            for name, row in plans[world].items():
                 run_once(config, name, row, seed, budget, str(results_dir / world))
     by_world = {}
     for world, config in worlds.items():
         out = results_dir / world
         out.mkdir(parents=True, exist_ok=True)
+        plan = plans[world]
         results = by_world[world] = [json.loads((out / f"{name}_s{seed}.json").read_text())
-                                     for name in rows for seed in seeds if (out / f"{name}_s{seed}.json").exists()]
-        text = table(world, results, detection(config), rows)
+                                     for name in plan for seed in seeds if (out / f"{name}_s{seed}.json").exists()]
+        text = table(world, results, detection(config), plan, gap) + detections(config, trained)
         (out / f"{Path(args.rows).stem}.md").write_text(text)
         if results:
             (out / f"{Path(args.rows).stem}_curves.png").write_bytes(plot_curves(world, results))
         print("\n" + text)
     if len(by_world) > 1:
-        text = across(by_world, rows)
+        text = across(by_world, next(iter(plans.values())))
         (results_dir / f"{Path(args.rows).stem}.md").write_text(text)
         print("\n" + text)
     if args.doc:
@@ -121,6 +195,22 @@ def main() -> None:
     if tmp:
         print(f"smoke run: {tmp}")
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def detections(config: Config, trained: dict[str, Config]) -> str:
+    """Noise detection by each teacher: AUROC of each score against the truth, the estimated noise rate."""
+    lines = ["", "noise detection by teacher (AUROC against the labels table; estimated noise rate):", "",
+             "| teacher | clean_prob | loss | cosine | DN | estimated rate |", "|---|---|---|---|---|---|"]
+    for name in [SELF, *trained]:
+        folder = config.score_dir() if name == SELF else join(config.root, f"scores_{name}")
+        summary = read_json(join(folder, "_summary.json"), {}) or {}
+        found = summary.get("detection") or {}
+        if not found:
+            continue
+        a = found["auroc"]
+        lines.append(f"| {name} | {a['clean_prob']:.3f} | {a['loss']:.3f} | {a['cosine']:.3f} | {a['dn_score']:.3f} | "
+                     f"{summary['noise']['estimated_rate']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

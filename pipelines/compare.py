@@ -5,6 +5,8 @@ Each row of `compare.rows` is a train config (loss, loss_args, oblique_k, ...) o
     curate: [policy steps]   train on the raw shards through a keep-list made with that policy
     pairs: curated           train on the curate stage's export instead of the raw shards
     pools: true              MMCL's unpaired pools from that export
+    score: {output, ...}     score settings of another teacher (its scores written by the score stage with
+                             them): the row's keep-list, soft targets and clean_prob come from there
     baseline: ROW            the table adds this row's gain over ROW, seed by seed
 Every row and seed is validated on the clean validation split each epoch; its best checkpoint (best.pt)
 is evaluated on the test split (zero-shot and retrieval, dot and DN) and the result written to
@@ -76,6 +78,8 @@ def row_config(config: Config, name: str, row: dict, seed: int, budget: dict) ->
     """The train config of one row and seed: the config's root and splits, the row's objective and data."""
     from pipelines.curate import run_curate
 
+    if row.get("score"):
+        config = config.model_copy(update={"score": config.score.model_copy(update=row["score"])})
     train = {k: v for k, v in row.items() if k not in COMPARE_DATA_KEYS}
     values = {"train.name": f"compare_{name}_s{seed}", "train.seed": seed, "train.epoch_checkpoints": False,
               "train.epochs": 1000, **{f"train.{k}": v for k, v in {**budget, **train}.items() if k != "unpaired"}}
@@ -164,9 +168,11 @@ def summarize(results: list[dict]) -> dict:
                        "seeds": len(runs)} for c in runs[0]} for name, runs in rows.items()}
 
 
-def versus(results: list[dict], rows: dict) -> dict:
+def versus(results: list[dict], rows: dict, gap: dict | None = None) -> dict:
     """Each row against its baseline row and its DN against its dot product, paired by seed:
-    row -> {baseline, gain (R@1 row - baseline, per seed), dn_gain (R@1 DN - dot, per seed)}."""
+    row -> {baseline, gain (R@1 row - baseline, per seed), dn_gain (R@1 DN - dot, per seed)}; with
+    gap = {raw: ROW, oracle: ROW}, also recovered = (row - raw) / (oracle - raw) per seed, the share of
+    the damage noise does that the row wins back."""
     by = {(r["row"], r["seed"]): headline(r) for r in results}
     out = {}
     for name, row in rows.items():
@@ -178,6 +184,10 @@ def versus(results: list[dict], rows: dict) -> dict:
         out[name] = {"baseline": base,
                      "gain": [by[name, s]["R@1 dot"] - by[base, s]["R@1 dot"] for s in paired] if base else [],
                      "dn_gain": [by[name, s]["R@1 dn"] - by[name, s]["R@1 dot"] for s in seeds]}
+        if gap:
+            ends = [s for s in seeds if (gap["raw"], s) in by and (gap["oracle"], s) in by]
+            out[name]["recovered"] = [(by[name, s]["R@1 dot"] - by[gap["raw"], s]["R@1 dot"])
+                                      / (by[gap["oracle"], s]["R@1 dot"] - by[gap["raw"], s]["R@1 dot"]) for s in ends]
     return out
 
 
@@ -189,9 +199,16 @@ def spread(values: list[float]) -> str:
     return f"{np.mean(values):+.3f} +- {np.std(values):.3f} ({wins}/{len(values)} > 0)"
 
 
-def table(title: str, results: list[dict], detection: dict | None, rows_spec: dict | None = None) -> str:
+def share(values: list[float]) -> str:
+    """A fraction of the gap as mean +- std percent over seeds."""
+    return f"{100 * np.mean(values):.0f}% +- {100 * np.std(values):.0f}%" if values else ""
+
+
+def table(title: str, results: list[dict], detection: dict | None, rows_spec: dict | None = None,
+          gap: dict | None = None) -> str:
     """Markdown: one line per row, mean +- std over its seeds; with the rows' spec, a second table of
-    each row's gain over its baseline and of DN over dot, paired by seed."""
+    each row's gain over its baseline and of DN over dot, paired by seed (and with gap, the share of the
+    raw -> oracle gap each row recovers)."""
     rows = summarize(results)
     lines = [f"### {title}", ""]
     if detection:
@@ -206,13 +223,15 @@ def table(title: str, results: list[dict], detection: dict | None, rows_spec: di
         cells = [("" if c not in row else f"{row[c]['mean']:.3f}" if row[c]["seeds"] == 1
                   else f"{row[c]['mean']:.3f} +- {row[c]['std']:.3f}") for c in columns]
         lines.append(f"| {name} | {next(iter(row.values()))['seeds']} | " + " | ".join(cells) + " |")
-    gains = versus(results, rows_spec or {})
+    gains = versus(results, rows_spec or {}, gap)
     if gains:
+        recovered = f" | gap recovered ({gap['raw']} -> {gap['oracle']})" if gap else ""
         lines += ["", "retrieval R@1 (dot) gained over the row's baseline, and by DN over dot, paired by seed "
                   "(mean +- std, seeds with a gain):", "",
-                  "| row | baseline | R@1 gain over baseline | R@1 gain DN - dot |", "|---|---|---|---|"]
-        lines += [f"| {name} | {g['baseline'] or ''} | {spread(g['gain'])} | {spread(g['dn_gain'])} |"
-                  for name, g in gains.items()]
+                  f"| row | baseline | R@1 gain over baseline | R@1 gain DN - dot{recovered} |",
+                  "|---|---|---|---|" + ("---|" if gap else "")]
+        lines += [f"| {name} | {g['baseline'] or ''} | {spread(g['gain'])} | {spread(g['dn_gain'])}"
+                  + (f" | {share(g['recovered'])}" if gap else "") + " |" for name, g in gains.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -183,13 +183,14 @@ class EvaluateConfig(Strict):
     device: str = option("auto", "auto: cuda when available, else cpu")
 
 
-COMPARE_DATA_KEYS = ("curate", "pairs", "pools", "baseline")  # a compare row's keys that are not train settings
+COMPARE_DATA_KEYS = ("curate", "pairs", "pools", "baseline", "score")  # a compare row's keys that are not train settings
 
 
 class CompareConfig(Strict):
     rows: dict[str, dict[str, Any]] = option(
         {}, "row name -> train settings of one student (loss, loss_args, oblique_k, ...), plus its data: "
             "curate: [policy steps] (a keep-list), pairs: curated (the export), pools: true (MMCL's unpaired pools); "
+            "score: {output, model, checkpoints} (another teacher's scores, for its curation and soft targets); "
             "baseline: another row, which the table compares it with seed by seed")
     budget: dict[str, Any] = option({}, "train settings every row shares (max_steps, batch_size, lr, ...)")
     seeds: list[int] = option([0], "each row is trained once per seed")
@@ -203,6 +204,10 @@ class CompareConfig(Strict):
                 TrainConfig.model_validate(train)
             except ValidationError as err:
                 raise ValueError(f"row {name}: " + "; ".join(describe(e) for e in err.errors())) from None
+            try:
+                ScoreConfig.model_validate(row.get("score") or {})
+            except ValidationError as err:
+                raise ValueError(f"row {name}: score: " + "; ".join(describe(e) for e in err.errors())) from None
             if row.get("pairs") not in (None, "curated"):
                 raise ValueError(f"row {name}: pairs must be 'curated' (the curate stage's export) or unset")
             if row.get("baseline") is not None and row["baseline"] not in set(self.rows) - {name}:

@@ -38,7 +38,7 @@ def run_train(config: Config) -> dict:
 
 
 def resolve(config: Config) -> Config:
-    """Fill the defaults that depend on other stages: shards, output, seed."""
+    """Fill the defaults that depend on other stages: shards, their scores, output, seed."""
     cfg = config.train
     update = {"seed": cfg.seed if cfg.seed is not None else config.seed, "output": config.run_dir()}
     if not cfg.shards:
@@ -46,6 +46,8 @@ def resolve(config: Config) -> Config:
             update["shards"] = "::".join(finished_shards(config))
         except ConfigError as err:
             raise ConfigError(f"train.shards is not set and {err} (or set train.shards)") from None
+        if not cfg.scores:  # the shard stage's shards join this pipeline's scores, wherever score.output put them
+            update["scores"] = config.score_dir()
     summary = read_json(join(config.score_dir(), "_summary.json"))
     if cfg.loss == "softclip" and "tau_s" not in cfg.loss_args and summary:
         # SoftCLIP's teacher targets at the temperature the teacher learned (docs/METHODS.md section 1)

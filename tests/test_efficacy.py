@@ -125,3 +125,36 @@ def test_pseudo_pair_accuracy_follows_the_batching():
     assert aligned["true caption in batch"] == pytest.approx(1 - noisy.mean(), abs=0.03)
     assert aligned["argmax text is true"] == pytest.approx(aligned["true caption in batch"], abs=0.02)
     assert independent["true caption in batch"] < 0.1 and independent["argmax text is true"] < 0.1
+
+
+def test_gap_recovered_is_the_rows_share_of_the_raw_to_oracle_gap_paired_by_seed():
+    from pipelines.compare import table, versus
+
+    results = [run("raw", 0, 0.10, 0.10), run("oracle", 0, 0.30, 0.30), run("cur", 0, 0.25, 0.25),
+               run("raw", 1, 0.20, 0.20), run("oracle", 1, 0.40, 0.40), run("cur", 1, 0.20, 0.20)]
+    rows = {"raw": {}, "oracle": {}, "cur": {"baseline": "raw"}}
+    gains = versus(results, rows, {"raw": "raw", "oracle": "oracle"})
+    assert gains["cur"]["recovered"] == pytest.approx([0.75, 0.0])  # per seed, not from the means
+    assert gains["oracle"]["recovered"] == pytest.approx([1.0, 1.0]) and gains["raw"]["recovered"] == [0.0, 0.0]
+    assert "| cur | raw | +0.075 +- 0.075 (1/2 > 0) | +0.000 +- 0.000 (0/2 > 0) | 38% +- 38% |" in \
+        table("t", results, None, rows, {"raw": "raw", "oracle": "oracle"})
+
+
+def test_a_row_run_by_several_teachers_reads_each_teachers_scores_and_keeps_its_baseline_in_step():
+    scores = {"pretrained": {"output": "/w/scores_pretrained", "model": "m", "checkpoints": ["/t/best.pt"]}}
+    rows = {"raw": {"loss": "clip"},
+            "soft": {"baseline": "raw", "loss": "softclip", "teachers": ["self", "pretrained"]},
+            "adaptive": {"baseline": "soft", "loss": "softclip", "teachers": ["self", "pretrained"]}}
+    plan = efficacy.expand_rows(rows, scores)
+    assert list(plan) == ["raw", "soft", "soft_pretrained", "adaptive", "adaptive_pretrained"]
+    assert "score" not in plan["soft"] and plan["soft_pretrained"]["score"] == scores["pretrained"]
+    assert plan["soft_pretrained"]["baseline"] == "raw"  # raw runs once: the same baseline for both teachers
+    assert plan["adaptive_pretrained"]["baseline"] == "soft_pretrained" and plan["adaptive"]["baseline"] == "soft"
+    assert all("teachers" not in row for row in plan.values())
+
+
+def test_training_reads_scores_from_the_folder_it_is_given():
+    from train.data import scores_path
+
+    assert scores_path("/w/shards/00003.tar") == "/w/scores/00003.parquet"
+    assert scores_path("/w/shards/00003.tar", "s3://b/scores_pretrained/") == "s3://b/scores_pretrained/00003.parquet"

@@ -42,6 +42,7 @@ class UnpairedConfig(Strict):
 class TrainConfig(Strict):
     name: str = option("clip", "run name: outputs go to <root>/runs/<name>")
     shards: Optional[str] = option(None, "training shards (brace notation, local or fsspec); default: the shard stage's")
+    scores: Optional[str] = option(None, "the score stage's folder whose NNNNN.parquet joins shard NNNNN.tar; default: scores/ beside shards/ (a pipeline: its score stage's output)")
     val_shards: Optional[str] = option(None, "clean validation shards: each epoch's recall picks best.pt (the demo world's config: its val.tar)")
     output: Optional[str] = option(None, "run folder; default <root>/runs/<name> (runs/<name> outside a pipeline)")
     model: str = option("softcurate-tiny", "open_clip model name")

@@ -2,7 +2,8 @@
 
 Shards are those of the shard stage (img2dataset's layout). When training reads scores (a loss's
 score_fields, a clean_prob filter), each sample is joined by key with its row of the score stage's
-`<root>/scores/NNNNN.parquet` beside `<root>/shards/NNNNN.tar` and may be filtered on clean_prob.
+NNNNN.parquet for shard NNNNN.tar (in `train.scores`, by default the `scores/` beside `shards/`) and
+may be filtered on clean_prob.
 """
 
 from __future__ import annotations
@@ -94,7 +95,10 @@ def nonempty_shards(urls: str | list[str]) -> list[str]:
     return kept
 
 
-def scores_path(shard_url: str) -> str:
+def scores_path(shard_url: str, scores: str | None = None) -> str:
+    """A shard's scores file: NNNNN.parquet in the `scores` folder, by default the `scores/` beside `shards/`."""
+    if scores:
+        return f"{scores.rstrip('/')}/{shard_url.rpartition('/')[2].removesuffix('.tar')}.parquet"
     head, _, name = shard_url.rpartition("/shards/")
     return f"{head}/scores/{name.removesuffix('.tar')}.parquet"
 
@@ -118,10 +122,10 @@ def scores_by_key(path: str, columns: tuple[str, ...] | None = None) -> dict[str
     return {row["key"]: row for row in table.to_pylist()}
 
 
-def check_scores(urls: list[str], columns: list[str] = ()) -> None:
+def check_scores(urls: list[str], columns: list[str] = (), scores: str | None = None) -> None:
     """Before training on scores: every shard has a scores file with `columns` that covers every one of its samples."""
     for url in urls:
-        path = scores_path(url)
+        path = scores_path(url, scores)
         rows = scores_by_key(path, ("key",))
         if rows is None:
             raise FileNotFoundError(f"{path}: missing; the loss needs the score stage's output for {url}")
@@ -144,11 +148,11 @@ class ScoreJoin:
     the cost of loading a shard's scores in each worker); holds one shard's table at a time (samples
     arrive shard by shard)."""
 
-    def __init__(self, required: bool, columns: tuple[str, ...]):
-        self.required, self.columns, self.path, self.rows = required, columns, None, None
+    def __init__(self, required: bool, columns: tuple[str, ...], scores: str | None = None):
+        self.required, self.columns, self.scores, self.path, self.rows = required, columns, scores, None, None
 
     def __call__(self, sample: dict) -> dict:
-        path = scores_path(sample["__url__"])
+        path = scores_path(sample["__url__"], self.scores)
         if path != self.path:
             self.path, self.rows = path, scores_by_key(path, self.columns)
         row = self.rows.get(sample["__key__"]) if self.rows is not None else None
@@ -211,7 +215,8 @@ def worker_seed(seed: int, epoch: int) -> int:
 def make_pipeline(urls: str | list[str], preprocess, tokenizer, batch_size: int, *, seed: int = 0,
                   epoch: int = 0, batches_per_worker: int | None = None, shuffle_buffer: int = 1000,
                   min_clean_prob: float | None = None, require_scores: bool = False, score_columns: tuple[str, ...] = (),
-                  modality: str = "pair", keep_list: str | None = None, complete_only: bool = False) -> wds.DataPipeline:
+                  modality: str = "pair", keep_list: str | None = None, complete_only: bool = False,
+                  scores: str | None = None) -> wds.DataPipeline:
     """The webdataset idiom: shard list -> split by node and worker -> samples -> decode -> batch.
 
     With `batches_per_worker` (training) shards are resampled with a seed of (seed, epoch, rank,
@@ -235,7 +240,7 @@ def make_pipeline(urls: str | list[str], preprocess, tokenizer, batch_size: int,
     if keep_list:
         stages.append(wds.select(KeepList(keep_list)))
     if require_scores or min_clean_prob is not None:
-        stages.append(wds.map(ScoreJoin(True, ("key", "clean_prob", *score_columns))))
+        stages.append(wds.map(ScoreJoin(True, ("key", "clean_prob", *score_columns), scores)))
     if min_clean_prob is not None:
         stages.append(wds.select(lambda s: s["scores"]["clean_prob"] >= min_clean_prob))
     stages += [wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(seed * 7919 + epoch))] \

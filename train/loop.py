@@ -163,7 +163,8 @@ def setup(cfg, env: DistEnv) -> Run:
             model = make_oblique(model, cfg.oblique_k).to(env.device)
         loss_fn = build_loss(cfg.loss, rank=env.rank, world_size=env.world_size, **cfg.loss_args)
         if needs_scores(loss_fn, cfg):
-            check_scores(urls, [*loss_fn.score_fields.values(), *(["clean_prob"] if cfg.min_clean_prob is not None else [])])
+            check_scores(urls, [*loss_fn.score_fields.values(), *(["clean_prob"] if cfg.min_clean_prob is not None else [])],
+                         cfg.scores)
         samples = kept_pairs(cfg.keep_list, cfg.loss, loss_fn) if cfg.keep_list else count_samples(urls)
         pools = unpaired_pools(cfg.unpaired)
     except (ValueError, TypeError, KeyError, RuntimeError, FileNotFoundError) as err:
@@ -205,7 +206,8 @@ def epoch_loader(run: Run, epoch: int) -> torch.utils.data.DataLoader:
     pipeline = make_pipeline(run.urls, run.preprocess_train, run.tokenizer, cfg.batch_size, seed=seed_of(cfg), epoch=epoch,
                              batches_per_worker=math.ceil(run.steps_per_epoch / max(1, cfg.workers)),
                              min_clean_prob=cfg.min_clean_prob, require_scores=needs_scores(run.loss_fn, cfg),
-                             keep_list=cfg.keep_list, score_columns=tuple(run.loss_fn.score_fields.values()))
+                             keep_list=cfg.keep_list, score_columns=tuple(run.loss_fn.score_fields.values()),
+                             scores=cfg.scores)
     return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=cfg.workers,
                                        pin_memory=run.env.device.type == "cuda")
 
