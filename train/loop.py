@@ -112,7 +112,7 @@ def train(cfg) -> dict:
             export(model, cfg.model, f"{out}/checkpoints/epoch_{math.ceil(step / run.steps_per_epoch):03d}.pt")
         teacher = validate(run, log, step, best, teacher)
         if step == run.paired_steps < run.total_steps:
-            # best.pt from here on is chosen among stage-2 models: stage 1's is the CLIP baseline's own
+            # best.pt from here on is chosen among stage-2 models: stage 1 is what the CLIP baseline trains
             best.update(val_recall=-1.0, teacher_recall=-1.0)
             teacher = frozen_copy(model) if uses_teacher else None
         best["epoch_end"] = step
