@@ -110,7 +110,7 @@ def train(cfg) -> dict:
         nonlocal teacher
         if cfg.epoch_checkpoints and env.is_main:  # the teacher's training dynamics, for the score stage
             export(model, cfg.model, f"{out}/checkpoints/epoch_{math.ceil(step / run.steps_per_epoch):03d}.pt")
-        teacher = validate(run, log, step, best, teacher)
+        validate(run, log, step, best, teacher)
         if step == run.paired_steps < run.total_steps:
             # best.pt from here on is chosen among stage-2 models: stage 1 is what the CLIP baseline trains
             best.update(val_recall=-1.0, teacher_recall=-1.0)
@@ -394,13 +394,13 @@ def frozen_copy(model) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def validate(run: Run, log, step: int, best: dict, teacher):
-    """Mean image<->text R@1 on the clean validation split; keep the best checkpoint (rank 0). Returns the
-    MMCL teacher, replaced by the model when the model's recall beats the teacher's by 10%."""
+def validate(run: Run, log, step: int, best: dict, teacher) -> None:
+    """Mean image<->text R@1 on the clean validation split; keep the best checkpoint (rank 0). MMCL's
+    teacher, if any, is replaced by the model when the model's recall beats the teacher's by 10%."""
     model, env = run.model, run.env
     if not run.cfg.val_shards:
         env.barrier()
-        return teacher
+        return
     replace = False
     if env.is_main:
         score = val_recall(run, model, log, step)
@@ -416,7 +416,6 @@ def validate(run: Run, log, step: int, best: dict, teacher):
     if teacher is not None and env.agree(replace):  # every rank replaces its copy, or none does
         teacher.load_state_dict(model.state_dict())
     env.barrier()
-    return teacher
 
 
 def val_recall(run: Run, model, log=None, step: int = 0) -> float:
