@@ -81,7 +81,8 @@ def evaluate_checkpoint(config: Config, checkpoint: str) -> dict:
     model, preprocess, tokenizer = load(cfg.model or config.train.model, checkpoint, device)
     templates = cfg.templates or TEMPLATES
     result = {"checkpoint": checkpoint, "model": cfg.model or config.train.model,
-              "oblique_k": int(getattr(model, "oblique_k", 1)), "dn_lambda": cfg.dn_lambda,
+              "oblique_k": int(getattr(model, "oblique_k", 1)), "topology": getattr(model, "oblique_topology", "oblique"),
+              "dn_lambda": cfg.dn_lambda,
               "dn_samples": cfg.dn_samples, "dn_seeds": cfg.dn_seeds, "zero_shot": {}}
     if cfg.folder:
         images, labels, classnames = read_folder(cfg.folder, preprocess)
@@ -186,7 +187,7 @@ def read_classnames(path: str) -> list[str]:
 
 
 def print_table(result: dict) -> None:
-    print(f"\nevaluate {result['checkpoint']} ({result['model']}, K={result['oblique_k']}; DN lambda "
+    print(f"\nevaluate {result['checkpoint']} ({result['model']}, K={result['oblique_k']}{' sphere' if result['topology'] == 'sphere' else ''}; DN lambda "
           f"{result['dn_lambda']}, means from {result['dn_samples']} samples, mean +- std over {result['dn_seeds']} seeds)")
     print(f"  {'metric':<28} {'dot':>7} {'DN':>16}")
     for task, scores in result["zero_shot"].items():

@@ -38,7 +38,7 @@ def run_train(config: Config) -> dict:
 
 
 def resolve(config: Config) -> Config:
-    """Fill the defaults that depend on other stages: shards, their scores, output, seed."""
+    """Fill the defaults that depend on other stages: shards, their scores, output, seed, SoftCLIP's teacher tau_s."""
     cfg = config.train
     update = {"seed": cfg.seed if cfg.seed is not None else config.seed, "output": config.run_dir()}
     if not cfg.shards:
@@ -49,7 +49,8 @@ def resolve(config: Config) -> Config:
         if not cfg.scores:  # the shard stage's shards join this pipeline's scores, wherever score.output put them
             update["scores"] = config.score_dir()
     summary = read_json(join(config.score_dir(), "_summary.json"))
-    if cfg.loss == "softclip" and "tau_s" not in cfg.loss_args and summary:
+    teacher_targets = cfg.loss_args.get("target", "teacher") == "teacher"  # target self: the student's own 1/s
+    if cfg.loss == "softclip" and teacher_targets and "tau_s" not in cfg.loss_args and summary:
         # SoftCLIP's teacher targets at the temperature the teacher learned (docs/METHODS.md section 1)
         update["loss_args"] = {**cfg.loss_args, "tau_s": summary["teacher"]["tau_s"]}
     return config.model_copy(update={"train": cfg.model_copy(update=update)})

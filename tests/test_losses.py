@@ -209,6 +209,17 @@ def test_softclip_self_target_is_detached():
         assert (mine - through).abs().max() > 1e-3  # the check above could tell a gradient through the target
 
 
+def test_softclip_self_target_runs_at_the_students_temperature():
+    """target self with tau_s unset is tau_s = 1/s of the student, not the teacher's fallback 0.01."""
+    v, t, s = unit(8, 6, seed=0), unit(8, 6, seed=1), scale(4.0)
+    unset = SoftClipLoss(target="self", alpha=0.4, beta=1.0)(v, t, s)
+    own = SoftClipLoss(target="self", alpha=0.4, beta=1.0, tau_s=1 / 4.0)(v, t, s)
+    teachers = SoftClipLoss(target="self", alpha=0.4, beta=1.0, tau_s=0.01)(v, t, s)
+    for term in unset:
+        close(unset[term], own[term], tol=1e-12)
+    assert abs(unset["loss"] - teachers["loss"]) > 1e-3
+
+
 def test_softclip_negative_target_does_not_depend_on_alpha():
     v, t, s = unit(8, 6, seed=0), unit(8, 6, seed=1), scale(5.0)
     teacher = {"teacher_image": unit(8, 6, seed=2), "teacher_text": unit(8, 6, seed=3)}
@@ -270,6 +281,31 @@ def test_oblique_caps_the_logit_scale():
     with pytest.raises(ValueError, match="logit_scale_min <= logit_scale_init"):  # below the floor it would not hold
         ObliqueLoss(logit_scale_init=0.5)
     assert ObliqueLoss(logit_scale_init=0.5, logit_scale_min=0.25).logit_scale_min == 0.25
+    # the K = 1 control at K = 16's logit range: s from 16, kept in [16, 100]
+    matched = ObliqueLoss(logit_scale_init=16, logit_scale_min=16, logit_scale_max=100)
+    v, t = unit(6, 5, seed=2), unit(6, 5, seed=3)
+    close(matched(v, t, scale(40.0))["loss"], reference_clip(v, t, scale(40.0)))
+
+
+def test_oblique_sphere_is_clip_on_the_jointly_normalised_tokens():
+    u, w, s = torch.randn(6, 3, 4, dtype=D64), torch.randn(6, 3, 4, dtype=D64), scale(9.0)
+    sphere = ObliqueLoss(topology="sphere")
+    out = sphere(u, w, s)
+    flat_u, flat_w = F.normalize(u.flatten(1), dim=-1), F.normalize(w.flatten(1), dim=-1)
+    close(out["loss"], reference_clip(flat_u, flat_w, s))
+    for term, value in ClipLoss()(flat_u, flat_w, s).items():
+        close(out[term], value)
+    # not the oblique similarity: scaling one token moves the whole vector's direction
+    scaled = u.clone()
+    scaled[2, 1] *= 7.0
+    assert abs(sphere(scaled, w, s)["loss"] - out["loss"]) > 1e-3
+    assert abs(ObliqueLoss(logit_scale_max=100.0)(u, w, s)["loss"] - out["loss"]) > 1e-3
+    # CLIP's scale for a [-1, 1] similarity: the model's own init, range [1, 100]
+    assert (sphere.logit_scale_init, sphere.logit_scale_min, sphere.logit_scale_max) == (None, 1.0, 100.0)
+    matched = ObliqueLoss(topology="sphere", logit_scale_init=16, logit_scale_min=1, logit_scale_max=100)
+    assert (matched.logit_scale_init, matched.topology) == (16, "sphere")
+    with pytest.raises(ValueError, match="topology must be 'oblique' or 'sphere'"):
+        ObliqueLoss(topology="torus")
 
 
 # ------------------------------------------------------------------ unpaired pseudo-pairs
@@ -357,6 +393,7 @@ def cases():
                               {"teacher_image": a, "teacher_text": b, "clean_prob": c}, {}),
         "softclip_self": (SoftClipLoss(target="self"), flat, {}, {}),
         "oblique": (ObliqueLoss(), tok, {}, {}),
+        "oblique_sphere": (ObliqueLoss(topology="sphere"), tok, {}, {}),
         "mmcl_clip": (MMCLLoss("clip", rho=0.1), flat, {}, {"image_encoder": g1, "text_encoder": g2}),
         "mmcl_clip_eps": (MMCLLoss("clip", eps=0.5), flat, {}, {}),
         "mmcl_linear": (MMCLLoss("linear", tau=0.5, rho=0.1), flat, {}, {"image_encoder": g1, "text_encoder": g2}),
@@ -426,6 +463,7 @@ def distributed_cases():
          {"teacher_image": a, "teacher_text": b, "clean_prob": c}, {}),
         ("softclip_self", lambda **k: SoftClipLoss(target="self", **k), v, t, {}, {}),
         ("oblique", lambda **k: ObliqueLoss(**k), tv, tt, {}, {}),
+        ("oblique_sphere", lambda **k: ObliqueLoss(topology="sphere", **k), tv, tt, {}, {}),
         ("mmcl_clip", lambda **k: MMCLLoss("clip", **k), v, t, {}, {}),
         ("mmcl_linear", lambda **k: MMCLLoss("linear", tau=0.5, rho=0.1, **k), v, t, {},
          {"image_encoder": g1, "text_encoder": g2}),

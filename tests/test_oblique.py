@@ -213,3 +213,51 @@ def test_unsupported_conversions_fail_clearly():
     make_oblique(model, 2)
     with pytest.raises(ValueError, match="already oblique with K=2"):
         make_oblique(model, 4)
+    with pytest.raises(ValueError, match="topology must be one of oblique, sphere"):
+        make_oblique(tiny()[0], 4, "torus")
+
+
+def test_sphere_topology_normalises_the_k_tokens_once_and_is_kept_by_checkpoints(tmp_path):
+    """The matched control: the same K-token towers, their concatenation normalised once. Every consumer
+    (the loss, validation, evaluation) then compares (N, D) unit vectors, as the loss trained them."""
+    from pipelines.evaluate import load
+    from train.evaluate import encode
+    from train.losses import ClipLoss, ObliqueLoss
+
+    oblique, tokenizer = tiny()
+    make_oblique(oblique, 4)
+    sphere = copy.deepcopy(oblique)
+    sphere.oblique_topology = "sphere"  # the same weights, the other topology
+    image, text = images(5), random_tokens(5)
+    with torch.no_grad():
+        tokens_img, tokens_txt = oblique.encode_image(image), oblique.encode_text(text)
+        img, txt, scale = sphere(image, text)
+    assert img.shape == (5, 64) and txt.shape == (5, 64)
+    torch.testing.assert_close(img, F.normalize(tokens_img.flatten(1), dim=-1))
+    torch.testing.assert_close(txt, F.normalize(tokens_txt.flatten(1), dim=-1))
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(5))
+    # the sphere loss on the sphere model's features is CLIP on them; on the oblique model's per-token
+    # normalised tokens it is not (normalising twice is not normalising once): the model must carry its topology
+    clip = ClipLoss()(img, txt, scale)["loss"]
+    torch.testing.assert_close(ObliqueLoss(topology="sphere")(img, txt, scale)["loss"], clip)
+    with torch.no_grad():
+        per_token = oblique(image, text)
+    assert abs(ObliqueLoss(topology="sphere")(*per_token[:2], scale)["loss"] - clip) > 1e-4
+
+    save_oblique(sphere, tmp_path / "sphere.pt", model_name=NAME)
+    assert torch.load(tmp_path / "sphere.pt", weights_only=True)["topology"] == "sphere"
+    again, *_ = load_oblique(NAME, tmp_path / "sphere.pt", 4)
+    assert again.oblique_topology == "sphere"
+    # the evaluate stage's loader and encoder: one D-dim unit vector per sample (K = 1 to its scoring)
+    evaluated, _, _ = load(NAME, str(tmp_path / "sphere.pt"), "cpu")
+    features = encode(evaluated, images=image)
+    assert features.shape == (5, 1, 64)
+    torch.testing.assert_close(features[:, 0], img, atol=1e-6, rtol=1e-5)
+    # a checkpoint that records no topology is an oblique one
+    payload = torch.load(tmp_path / "sphere.pt", weights_only=True)
+    del payload["topology"]
+    torch.save(payload, tmp_path / "old.pt")
+    old, *_ = load_oblique(NAME, tmp_path / "old.pt", 4)
+    assert old.oblique_topology == "oblique"
+    with torch.no_grad():
+        assert old.eval().encode_image(image, normalize=True).shape == (5, 4, 16)

@@ -48,14 +48,24 @@ def falls(curve, head=5, tail=5):
     ("oblique", ["train.loss=oblique", "train.oblique_k=4"]),
     ("oblique_floor", ["train.loss=oblique", "train.oblique_k=4",  # the loss's own scale range, not open_clip's
                        "train.loss_args={logit_scale_init: 0.5, logit_scale_min: 0.25}"]),
-    ("mmcl", ["train.loss=mmcl", "train.shards=ROOT/shards/{00000..00001}.tar",
+    ("oblique_k1_matched", ["train.loss=oblique", "train.oblique_k=1",  # K = 1 at K = 16's logit range
+                            "train.loss_args={logit_scale_init: 16, logit_scale_min: 16, logit_scale_max: 100}"]),
+    ("oblique_sphere", ["train.loss=oblique", "train.oblique_k=4",
+                        "train.loss_args={topology: sphere, logit_scale_init: 4, logit_scale_min: 1, logit_scale_max: 100}"]),
+    # joint top-K is unbounded below; joint teacher pairs need trained weights (any checkpoint will do here)
+    ("mmcl", ["train.loss=mmcl", "train.shards=ROOT/shards/{00000..00001}.tar", "train.pretrained=ROOT/start.pt",
               "train.unpaired.images=ROOT/shards/00002.tar", "train.unpaired.texts=ROOT/shards/00003.tar",
-              "train.unpaired.batch_size=16", "train.unpaired.pairing=teacher"]),  # joint top-K is unbounded below
-    ("mmcl_aligned", ["train.loss=mmcl", "train.shards=ROOT/shards/{00000..00001}.tar",
+              "train.unpaired.batch_size=16", "train.unpaired.pairing=teacher"]),
+    ("mmcl_aligned", ["train.loss=mmcl", "train.shards=ROOT/shards/{00000..00001}.tar", "train.pretrained=ROOT/start.pt",
                       "train.unpaired.images=ROOT/shards/00002.tar", "train.unpaired.batching=aligned",
                       "train.unpaired.batch_size=16", "train.unpaired.pairing=teacher"]),
 ])
 def test_each_objective_trains_and_its_loss_falls(root, name, overrides):
+    if any("start.pt" in o for o in overrides) and not (root / "start.pt").exists():
+        import train.models
+
+        torch.manual_seed(0)
+        train.models.save_checkpoint(open_clip.create_model("softcurate-tiny"), root / "start.pt")
     overrides = [o.replace("ROOT", str(root)) for o in overrides]
     config = config_for(root, f"train.name={name}", "train.max_steps=30", *overrides)
     summary = run_train(config)
@@ -67,9 +77,19 @@ def test_each_objective_trains_and_its_loss_falls(root, name, overrides):
     assert list((root / "runs" / name / "tensorboard").glob("events.out.tfevents.*"))
     assert summary["best_val_recall"] >= 0
     rows = [json.loads(line) for line in (root / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+    scales = [r["logit_scale"] for r in rows if "logit_scale" in r]
     if name == "oblique_floor":  # the loop clamps the scale to the loss's [0.25, 6.25], so it starts at 0.5, not 1
-        scales = [r["logit_scale"] for r in rows if "logit_scale" in r]
         assert scales[0] == pytest.approx(0.5, abs=0.01) and all(0.25 - 1e-6 <= v <= 6.25 for v in scales), scales
+    if name == "oblique_k1_matched":  # open_clip's cap of 100 and the control's floor of 16 both hold
+        assert scales[0] == pytest.approx(16, abs=0.2) and all(16 - 1e-4 <= v <= 100 + 1e-4 for v in scales), scales
+    if name == "oblique_sphere":  # the run's model normalises as its loss did, and its checkpoint says so
+        from train.oblique import load_oblique
+
+        assert torch.load(summary["final_checkpoint"], weights_only=True)["topology"] == "sphere"
+        model, *_ = load_oblique("softcurate-tiny", summary["final_checkpoint"], 4)
+        with torch.no_grad():
+            features = model.eval().encode_image(torch.rand(2, 3, 64, 64), normalize=True)
+        assert features.shape == (2, 64)
     if name.startswith("mmcl"):
         assert all("unpaired_loss" in r for r in rows if "loss" in r)
 
@@ -150,6 +170,10 @@ def test_open_clip_train_reads_our_shards(root, tmp_path):
     (["train.loss=mmcl", "train.unpaired.images=ROOT/shards/00002.tar"], "needs both train.unpaired.images and"),
     (["train.loss=mmcl", "train.unpaired.images=ROOT/captionless/00000.tar", "train.unpaired.batching=aligned"],
      "needs pool images that carry their caption"),
+    (["train.loss=mmcl", "train.unpaired.images=ROOT/shards/00002.tar", "train.unpaired.texts=ROOT/shards/00003.tar",
+      "train.unpaired.pairing=teacher"], "joint schedule pairs with the model at step 0, which needs trained weights"),
+    (["train.loss=mmcl", "train.unpaired.schedule=sequential", "train.unpaired.steps=4"],
+     "sequential trains on the unpaired pools after the pairs"),
 ])
 def test_bad_setups_stop_before_the_first_step(root, overrides, message):
     other, *_ = open_clip.create_model_and_transforms("RN50", pretrained=None) if "pretrained" in overrides[0] else (None,)
@@ -234,16 +258,121 @@ def test_grad_checkpointing_is_exact_and_bf16_autocast_runs(root):
 
 @pytest.mark.slow
 def test_mmcl_sequential_with_a_frozen_teacher(root):
-    config = config_for(root, "train.name=mmcl_seq", "train.loss=mmcl", "train.max_steps=12",
+    config = config_for(root, "train.name=mmcl_seq", "train.loss=mmcl", "train.max_steps=6",
                         f"train.shards={root}/shards/{{00000..00001}}.tar",
                         f"train.unpaired.images={root}/shards/00002.tar", f"train.unpaired.texts={root}/shards/00003.tar",
                         "train.unpaired.batch_size=16", "train.unpaired.schedule=sequential",
-                        "train.unpaired.pairing=teacher", "train.unpaired.paired_fraction=0.5")
-    run_train(config)
+                        "train.unpaired.pairing=teacher", "train.unpaired.steps=5")
+    summary = run_train(config)
+    assert summary["steps"] == 11  # the paired budget, then the unpaired steps on top
     rows = [json.loads(line) for line in (root / "runs" / "mmcl_seq" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
-    assert [("unpaired_loss" in r) for r in steps] == [False] * 6 + [True] * 6  # pairs first, then unpaired only
+    assert [("unpaired_loss" in r) for r in steps] == [False] * 6 + [True] * 5  # pairs first, then unpaired only
     assert all(r["loss"] == r["unpaired_loss"] for r in steps[6:])
+
+
+def tiny_run(root, output, **settings):
+    """A run in this process on the fixture's shards (workers=0: its batches and RNG are this process's)."""
+    from train.config import TrainConfig
+    from train.loop import train
+
+    common = {"shards": f"{root}/shards/{{00000..00001}}.tar", "batch_size": 16, "workers": 0, "threads": 1,
+              "lr": 2e-3, "warmup_steps": 1, "log_every": 1, "seed": 0}
+    summary = train(TrainConfig(**{**common, **settings, "output": str(output)}))
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return summary, rows, torch.load(output / "checkpoints" / "latest.pt", weights_only=True)
+
+
+def same_weights(a: dict, b: dict, atol: float = 1e-6) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=atol) for k in a)
+
+
+def test_softclip_gets_the_score_stage_teachers_tau_s_for_teacher_targets_only(tmp_path):
+    from pipelines.train import resolve
+
+    (tmp_path / "scores").mkdir()
+    (tmp_path / "scores" / "_summary.json").write_text(json.dumps({"teacher": {"tau_s": 0.05}}))
+
+    def tau_s(*overrides):
+        config = load_config(None, [f"root={tmp_path}", "train.shards=x.tar", "train.loss=softclip", *overrides])
+        return resolve(config).train.loss_args.get("tau_s")
+
+    assert tau_s() == 0.05 and tau_s("train.loss_args={target: teacher}") == 0.05
+    assert tau_s("train.loss_args={target: self}") is None  # the student's own 1/s (SoftClipLoss's fallback)
+    assert tau_s("train.loss_args={target: self, tau_s: 0.2}") == 0.2
+    assert tau_s("train.loss_args={target: teacher, tau_s: 0.2}") == 0.2
+
+
+@pytest.mark.slow
+def test_softclip_with_alpha_and_beta_zero_trains_as_clip(root, tmp_path):
+    """The degenerate setting through the whole loop: the same seed gives the same losses and weights."""
+    _, clip_rows, clip = tiny_run(root, tmp_path / "clip", loss="clip", max_steps=5)
+    _, soft_rows, soft = tiny_run(root, tmp_path / "soft", loss="softclip", max_steps=5,
+                                  loss_args={"alpha": 0.0, "beta": 0.0, "target": "self"})
+    clip_losses, soft_losses = [r["loss"] for r in clip_rows], [r["loss"] for r in soft_rows]
+    assert len(clip_losses) == 5 and all(r["soft"] == r["loss"] for r in soft_rows)
+    torch.testing.assert_close(torch.tensor(soft_losses), torch.tensor(clip_losses), rtol=0, atol=1e-5)
+    assert clip_losses[0] != clip_losses[-1]  # it trained: equal curves are not two flat lines
+    # Adam turns the losses' float32 rounding differences on near-zero gradients into steps of up to ~1e-5
+    assert same_weights(soft["model"], clip["model"], atol=2e-5)
+
+
+@pytest.mark.slow
+def test_mmcl_teacher_is_the_stage1_model_and_survives_resume(root, tmp_path, monkeypatch):
+    """Sequential MMCL: stage 1 is the CLIP-like paired run of the same config (losses, LR, weights); the
+    teacher is the model at its last step; stage 2's schedule restarts; a run stopped mid stage 2 resumes
+    with the saved teacher (not the resumed model) and ends as the uninterrupted run; best.pt is chosen
+    in stage 2."""
+    import train.loop
+    from train.config import UnpairedConfig
+
+    pools = UnpairedConfig(images=f"{root}/shards/00002.tar", texts=f"{root}/shards/00003.tar", batch_size=16,
+                           schedule="sequential", steps=4, pairing="teacher")
+    settings = {"loss": "mmcl", "max_steps": 4, "val_shards": f"{root}/world/val.tar"}
+    _, pair_rows, pairs = tiny_run(root, tmp_path / "pairs", **settings)
+    straight, rows, state = tiny_run(root, tmp_path / "straight", **settings, unpaired=pools)
+
+    steps = [r for r in rows if "loss" in r]
+    assert straight["steps"] == state["step"] == 8 and [r["step"] for r in steps] == list(range(1, 9))
+    pair_steps = [r for r in pair_rows if "loss" in r]
+    assert [r["loss"] for r in steps[:4]] == pytest.approx([r["loss"] for r in pair_steps], abs=1e-6)
+    assert [r["lr"] for r in steps[:4]] == [r["lr"] for r in pair_steps]
+    assert [r["lr"] for r in steps[4:]] == [r["lr"] for r in steps[:4]]  # stage 2: its own warmup and cosine
+    assert all("unpaired_loss" in r for r in steps[4:]) and not any("unpaired_loss" in r for r in steps[:4])
+    validated = [r for r in rows if "val_recall@1" in r]
+    assert [r["step"] for r in validated] == [4, 8]  # stage 1's end, stage 2's end
+    assert straight["best_val_recall"] == validated[1]["val_recall@1"]  # best.pt among stage-2 models
+
+    # stopped after step 6 (stage 2's second step), as Ctrl-C would: the loop saves and raises
+    real_step, calls = train.loop.train_step, []
+
+    def stop_at_seven(*args):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(train.loop, "train_step", stop_at_seven)
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 6"):
+        tiny_run(root, tmp_path / "stopped", **settings, unpaired=pools)
+    stopped = torch.load(tmp_path / "stopped" / "checkpoints" / "latest.pt", weights_only=True)
+    assert stopped["step"] == 6
+    assert same_weights(stopped["teacher"], pairs["model"])  # the model at stage 1's last step
+    assert not same_weights(stopped["teacher"], stopped["model"])  # stage 2 has trained the model since
+    assert not same_weights(stopped["teacher"], state["model"])
+
+    teachers = []
+
+    def record_teacher(run, ddp, optimizer, batch, autocast, scale_range, unpaired, teacher):
+        teachers.append({k: v.clone() for k, v in teacher.state_dict().items()})
+        return real_step(run, ddp, optimizer, batch, autocast, scale_range, unpaired, teacher)
+
+    monkeypatch.setattr(train.loop, "train_step", record_teacher)
+    resumed, resumed_rows, final = tiny_run(root, tmp_path / "stopped", **settings, unpaired=pools)
+    assert len(teachers) == 2 and same_weights(teachers[0], stopped["teacher"])
+    untimed = [[{k: v for k, v in r.items() if k != "samples_per_s"} for r in run] for run in (resumed_rows, rows)]
+    assert resumed["steps"] == 8 and untimed[0] == untimed[1]
+    assert same_weights(final["model"], state["model"]) and same_weights(final["teacher"], state["teacher"])
 
 
 @pytest.mark.slow

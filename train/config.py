@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -29,14 +29,24 @@ class UnpairedConfig(Strict):
     batch_size: int = option(64, "unpaired images (and texts) per step", ge=2)
     gamma: float = option(1.0, "weight of the unpaired loss in joint training", ge=0)
     schedule: Literal["joint", "sequential"] = option(
-        "joint", "joint: L_pairs + gamma * L_u every step; sequential: pairs first, then unpaired (the paper)")
-    paired_fraction: float = option(0.5, "sequential: the share of steps trained on pairs first", ge=0, le=1)
+        "joint", "joint: L_pairs + gamma * L_u every step; sequential: the run's paired budget first (as a CLIP run "
+        "of the same config), then `steps` unpaired steps (the paper)")
+    steps: Optional[int] = option(None, "sequential: unpaired steps after the paired budget (stage 2)", ge=1)
     pairing: Literal["topk", "teacher"] = option(
-        "topk", "topk: the m largest similarities of the batch; teacher: a frozen copy's argmax partners")
+        "topk", "topk: the m largest similarities of the batch; teacher: a frozen model's argmax partners (sequential: "
+        "the stage-1 model; joint: the pretrained model at step 0)")
     batching: Literal["independent", "aligned"] = option(
         "independent", "independent: each pool shuffled on its own; aligned: a step's images and texts come from the "
         "same rows of the image pool (images exported with their rejected caption), so partners share a batch, "
         "as in the MMCL authors' experiment; the loss never sees which text was whose")
+
+    @model_validator(mode="after")
+    def steps_for_sequential(self):
+        if self.schedule == "sequential" and self.steps is None:
+            raise ValueError("unpaired.schedule sequential trains unpaired.steps after the paired budget: set it")
+        if self.schedule == "joint" and self.steps is not None:
+            raise ValueError("unpaired.steps counts the sequential schedule's unpaired stage; joint has none: unset it")
+        return self
 
 
 class TrainConfig(Strict):

@@ -59,6 +59,14 @@ class DistEnv:
         if self.world_size > 1:
             dist.barrier()
 
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's flag on every rank (a decision only rank 0 could make, e.g. after validating)."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.broadcast(value, src=0)
+        return bool(value.item())
+
 
 def init_distributed(device: str = "auto") -> DistEnv:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK); one process without it.

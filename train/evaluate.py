@@ -3,6 +3,7 @@ Distribution Normalization (docs/METHODS.md section 4; Zhou et al., NeurIPS 2023
 
 Features are kept as (N, K, d), K tokens of d dims each normalised on its own (K = 1 for stock
 CLIP, K > 1 for oblique towers), so one code path scores both: sim(u, v) = sum_k <u_k, v_k>.
+A sphere-topology model (train/oblique.py) returns its K tokens as one (N, D) vector: K = 1 here.
 
     DN retrieval:  (v - lam mu_v) . (t - lam mu_t)         on normalised features, no re-normalisation
     DN zero-shot:  normalise(v - lam mu_v) . normalise(c - lam mu_t)   c: a class's mean prompt embedding

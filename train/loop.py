@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,8 @@ class Run:
     loss_fn: torch.nn.Module
     pools: dict | None
     steps_per_epoch: int
-    total_steps: int
+    paired_steps: int  # stage 1: the paired budget, as a CLIP run of the same config
+    total_steps: int  # + the sequential schedule's unpaired steps (stage 2)
 
 
 def train(cfg) -> dict:
@@ -78,26 +80,45 @@ def train(cfg) -> dict:
     ddp = torch.nn.parallel.DistributedDataParallel(model) if env.world_size > 1 else model
     if cfg.compile:
         ddp = torch.compile(ddp)
-    schedule = cosine_lr(optimizer, cfg.lr, cfg.warmup_steps, run.total_steps)
+    # Stage 2 restarts the schedule (its own warmup and cosine over unpaired.steps) rather than sharing one
+    # cosine with stage 1: stage 1 then sees exactly the LR curve of the CLIP baseline it must equal.
+    paired_lr = cosine_lr(optimizer, cfg.lr, cfg.warmup_steps, run.paired_steps)
+    unpaired_lr = cosine_lr(optimizer, cfg.lr, cfg.warmup_steps, run.total_steps - run.paired_steps)
+
+    def schedule(step: int) -> float:
+        return paired_lr(step) if step < run.paired_steps else unpaired_lr(step - run.paired_steps)
+
     best = {"val_recall": -1.0, "teacher_recall": -1.0, "epoch_end": 0}  # carried in the checkpoint so resume keeps the best
-    step = load_state(f"{out}/checkpoints/latest.pt", model, optimizer, best) if cfg.resume else 0
+    uses_teacher = bool(run.pools) and cfg.unpaired.pairing == "teacher"
+    # joint: the teacher is the (pretrained, setup checks) model at step 0; sequential: made when stage 2 begins
+    teacher = frozen_copy(model) if uses_teacher and cfg.unpaired.schedule == "joint" else None
+    step, saved_teacher = load_state(f"{out}/checkpoints/latest.pt", model, optimizer, best) if cfg.resume else (0, None)
+    if saved_teacher is not None:  # the teacher the run had, not a copy of the resumed model
+        teacher = teacher or frozen_copy(model)
+        teacher.load_state_dict(saved_teacher)
     # killed between an epoch's last step and the end of its validation: that epoch's end is done again
     epoch_end_pending = bool(step) and at_epoch_end(run, step) and best["epoch_end"] != step
     log = MetricLog(out, step, enabled=env.is_main, redo_validation=epoch_end_pending)
-    unpaired = UnpairedStreams(cfg, run.pools, run.preprocess_train, run.tokenizer, env) if run.pools else None
-    teacher = copy.deepcopy(model).eval().requires_grad_(False) if unpaired and cfg.unpaired.pairing == "teacher" else None
+    unpaired = UnpairedStreams(cfg, run.pools, run.preprocess_train, run.tokenizer, env, run.steps_per_epoch) \
+        if run.pools else None
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg.precision, env.device))
     skipped = 0
 
     def end_epoch() -> None:
-        """Epoch checkpoint and validation, marked in the state so a resumed run neither skips nor repeats them."""
+        """Epoch checkpoint and validation, marked in the state so a resumed run neither skips nor repeats them.
+        The end of stage 1 is an epoch end; stage 2 begins there, and its teacher is the model of that step."""
+        nonlocal teacher
         if cfg.epoch_checkpoints and env.is_main:  # the teacher's training dynamics, for the score stage
             export(model, cfg.model, f"{out}/checkpoints/epoch_{math.ceil(step / run.steps_per_epoch):03d}.pt")
         validate(run, log, step, best, teacher)
+        if step == run.paired_steps < run.total_steps:
+            # best.pt from here on is chosen among stage-2 models: stage 1 is what the CLIP baseline trains
+            best.update(val_recall=-1.0, teacher_recall=-1.0)
+            teacher = frozen_copy(model) if uses_teacher else None
         best["epoch_end"] = step
         if env.is_main:
             log.sync()
-            save_state(f"{out}/checkpoints/latest.pt", model, optimizer, step, best)
+            save_state(f"{out}/checkpoints/latest.pt", model, optimizer, step, best, teacher)
 
     if epoch_end_pending:
         end_epoch()
@@ -106,16 +127,17 @@ def train(cfg) -> dict:
     stop = install_stop_handlers()
     try:
         while step < run.total_steps:
-            epoch, skip = divmod(step, run.steps_per_epoch)
+            stage_end = run.paired_steps if step < run.paired_steps else run.total_steps
+            epoch, skip, batches = stage_epoch(run, unpaired, step)
             tick = time.perf_counter()
-            for i, batch in enumerate(epoch_loader(run, epoch)):
+            for i, batch in enumerate(batches):
                 if i < skip:  # resume: replay the epoch's order, skip what was already trained on
                     continue
-                if i >= run.steps_per_epoch or step >= run.total_steps:
+                if i >= run.steps_per_epoch or step >= stage_end:
                     break
                 lr = schedule(step)
                 skipped += batch["skipped"]
-                terms = train_step(run, ddp, optimizer, batch, autocast, scale_range, unpaired, teacher, step)
+                terms = train_step(run, ddp, optimizer, batch, autocast, scale_range, unpaired, teacher)
                 step += 1
                 now = time.perf_counter()
                 rate, tick = cfg.batch_size * env.world_size / (now - tick), now
@@ -126,7 +148,7 @@ def train(cfg) -> dict:
                 bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in NOT_IN_BAR})
                 if env.is_main and (step % cfg.checkpoint_every == 0 or step == run.total_steps):
                     log.sync()  # metrics first: a kill between the two leaves them ahead, and resume trims them
-                    save_state(f"{out}/checkpoints/latest.pt", model, optimizer, step, best)
+                    save_state(f"{out}/checkpoints/latest.pt", model, optimizer, step, best, teacher)
                 if stop.is_set():
                     raise KeyboardInterrupt
             if at_epoch_end(run, step):
@@ -137,7 +159,7 @@ def train(cfg) -> dict:
             raise
         if env.is_main:
             log.sync()
-            save_state(f"{out}/checkpoints/latest.pt", model, optimizer, step, best)
+            save_state(f"{out}/checkpoints/latest.pt", model, optimizer, step, best, teacher)
         log.close()
         raise KeyboardInterrupt(f"stopped at step {step}; checkpoint saved, re-run to resume") from None
     bar.close()
@@ -158,22 +180,28 @@ def setup(cfg, env: DistEnv) -> Run:
     try:
         urls = nonempty_shards(cfg.shards)
         model, preprocess_train, preprocess_val, tokenizer = create_model(cfg.model, cfg.pretrained, env.device)
+        loss_fn = build_loss(cfg.loss, rank=env.rank, world_size=env.world_size, **cfg.loss_args)
         if cfg.oblique_k > 1:
             from train.oblique import make_oblique
-            model = make_oblique(model, cfg.oblique_k).to(env.device)
-        loss_fn = build_loss(cfg.loss, rank=env.rank, world_size=env.world_size, **cfg.loss_args)
+            model = make_oblique(model, cfg.oblique_k, loss_fn.topology).to(env.device)
         if needs_scores(loss_fn, cfg):
             check_scores(urls, [*loss_fn.score_fields.values(), *(["clean_prob"] if cfg.min_clean_prob is not None else [])],
                          cfg.scores)
         samples = kept_pairs(cfg.keep_list, cfg.loss, loss_fn) if cfg.keep_list else count_samples(urls)
         pools = unpaired_pools(cfg.unpaired)
+        if pools and cfg.unpaired.pairing == "teacher" and cfg.unpaired.schedule == "joint" and not cfg.pretrained:
+            raise ValueError("unpaired.pairing teacher under the joint schedule pairs with the model at step 0, which "
+                             "needs trained weights: set train.pretrained, or use schedule sequential (its teacher is "
+                             "the stage-1 model)")
     except (ValueError, TypeError, KeyError, RuntimeError, FileNotFoundError) as err:
         raise SetupError(str(err).splitlines()[0] if str(err) else repr(err)) from err
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     steps_per_epoch = max(1, samples // (cfg.batch_size * env.world_size))
+    paired_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    unpaired_steps = cfg.unpaired.steps if pools and cfg.unpaired.schedule == "sequential" else 0
     return Run(cfg, (cfg.output or f"runs/{cfg.name}").rstrip("/"), env, urls, model, preprocess_train, preprocess_val,
-               tokenizer, loss_fn, pools, steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch)
+               tokenizer, loss_fn, pools, steps_per_epoch, paired_steps, paired_steps + unpaired_steps)
 
 
 def kept_pairs(keep_list: str, loss: str, loss_fn) -> int:
@@ -194,7 +222,26 @@ def logit_scale_range(model, loss_fn) -> tuple[float, float]:
 
 
 def at_epoch_end(run: Run, step: int) -> bool:
-    return step % run.steps_per_epoch == 0 or step == run.total_steps
+    """Every steps_per_epoch steps of each stage, and at each stage's end."""
+    in_stage = step - run.paired_steps if step > run.paired_steps else step
+    return in_stage % run.steps_per_epoch == 0 or step in (run.paired_steps, run.total_steps)
+
+
+def stage_epoch(run: Run, unpaired, step: int):
+    """(epoch, batches of it already trained on, its batches) for the epoch that holds `step`.
+
+    Stage 1: the paired loader's epochs, each batch with an unpaired one under the joint schedule.
+    Stage 2: rounds of steps_per_epoch unpaired batches, numbered on after stage 1's epochs.
+    """
+    if step >= run.paired_steps:
+        round_, skip = divmod(step - run.paired_steps, run.steps_per_epoch)
+        return (math.ceil(run.paired_steps / run.steps_per_epoch) + round_, skip,
+                ({"unpaired": pair, "skipped": 0} for pair in unpaired.round(round_, stage=2)))
+    epoch, skip = divmod(step, run.steps_per_epoch)
+    if unpaired is None or run.cfg.unpaired.schedule == "sequential":
+        return epoch, skip, epoch_loader(run, epoch)
+    batches = zip(epoch_loader(run, epoch), unpaired.round(epoch))  # drawn in step: a resumed epoch replays both
+    return epoch, skip, ({**pairs, "unpaired": pair} for pairs, pair in batches)
 
 
 def epoch_loader(run: Run, epoch: int) -> torch.utils.data.DataLoader:
@@ -212,16 +259,24 @@ def epoch_loader(run: Run, epoch: int) -> torch.utils.data.DataLoader:
                                        pin_memory=run.env.device.type == "cuda")
 
 
-def train_step(run: Run, ddp, optimizer, batch, autocast, scale_range, unpaired, teacher, step: int) -> dict:
-    """One optimiser step on one batch; returns the loss terms (detached by the caller's .item())."""
+def train_step(run: Run, ddp, optimizer, batch, autocast, scale_range, unpaired, teacher) -> dict:
+    """One optimiser step on one batch: pairs (with an unpaired batch under the joint schedule), or an
+    unpaired batch alone (stage 2); returns the loss terms (detached by the caller's .item())."""
     model, device = run.model, run.env.device
     model.train()
     with autocast:
-        image_features, text_features, logit_scale = ddp(batch["image"].to(device, non_blocking=True),
-                                                         batch["text"].to(device, non_blocking=True))
-        terms = call_loss(run.loss_fn, image_features, text_features, logit_scale, batch, device)
-        if unpaired is not None:
-            terms = unpaired.add_terms(terms, ddp, teacher, logit_scale, step, run.total_steps)
+        if "image" in batch:
+            image_features, text_features, logit_scale = ddp(batch["image"].to(device, non_blocking=True),
+                                                             batch["text"].to(device, non_blocking=True))
+            terms = call_loss(run.loss_fn, image_features, text_features, logit_scale, batch, device)
+            if "unpaired" in batch:  # encoded around DDP, whose one forward per step was the pairs'
+                images, texts = (x.to(device, non_blocking=True) for x in batch["unpaired"])
+                u, w = model.encode_image(images, normalize=True), model.encode_text(texts, normalize=True)
+                terms = joint(terms, unpaired.loss(u, w, logit_scale, teacher, images, texts), unpaired.cfg.gamma)
+        else:  # stage 2: through DDP's forward, so the gradients are averaged over ranks
+            images, texts = (x.to(device, non_blocking=True) for x in batch["unpaired"])
+            u, w, logit_scale = ddp(images, texts)
+            terms = joint(None, unpaired.loss(u, w, logit_scale, teacher, images, texts), unpaired.cfg.gamma)
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
     if run.cfg.grad_clip:
@@ -290,6 +345,9 @@ def unpaired_pools(cfg) -> dict | None:
                              "has none: re-export the pools with `softcurate curate --export`")
         return {"images": images}
     if not (cfg.images or cfg.texts):
+        if cfg.schedule == "sequential":
+            raise ValueError("unpaired.schedule sequential trains on the unpaired pools after the pairs: set "
+                             "train.unpaired.images and train.unpaired.texts")
         return None
     if not (cfg.images and cfg.texts):
         raise ValueError("unpaired training needs both train.unpaired.images and train.unpaired.texts")
@@ -297,87 +355,102 @@ def unpaired_pools(cfg) -> dict | None:
 
 
 class UnpairedStreams:
-    """MMCL's unpaired images and texts: pseudo-paired each step, joint or after the paired stage.
+    """MMCL's unpaired images and texts, in rounds of steps_per_epoch batches, and their pseudo-paired loss.
 
     independent: two streams, each pool shuffled on its own. aligned: one stream of the image pool's rows
     with their captions, so a batch holds its images' partners; the unpaired loss pairs by similarity
     (top-K or the teacher's argmax) and never by position, so this hides the correspondence as the
-    authors' experiment does (docs/METHODS.md section 5)."""
+    authors' experiment does (docs/METHODS.md section 5). A round is drawn with a seed of (seed, round)
+    as a paired epoch is, so a resumed run replays it."""
 
-    def __init__(self, cfg, pools: dict, preprocess, tokenizer, env):
-        self.cfg, self.env = cfg.unpaired, env
-        size = cfg.unpaired.batch_size
-        if "texts" in pools:
-            images = endless(pools["images"], preprocess, tokenizer, size, "image", cfg.seed)
-            texts = endless(pools["texts"], preprocess, tokenizer, size, "text", cfg.seed)
-            self.batches = ((i["image"], t["text"]) for i, t in zip(images, texts))
-        else:
-            rows = endless(pools["images"], preprocess, tokenizer, size, "pair", cfg.seed, complete_only=True)
-            self.batches = ((r["image"], r["text"]) for r in rows)
-        self.loss = UnpairedLoss()
+    def __init__(self, cfg, pools: dict, preprocess, tokenizer, env, steps_per_round: int):
+        self.cfg, self.env, self.pools, self.seed = cfg.unpaired, env, pools, seed_of(cfg)
+        self.preprocess, self.tokenizer, self.steps_per_round = preprocess, tokenizer, steps_per_round
+        self.unpaired_loss = UnpairedLoss()
 
-    def add_terms(self, terms: dict, model, teacher, logit_scale, step: int, total_steps: int) -> dict:
-        paired_stage = self.cfg.schedule == "sequential" and step < self.cfg.paired_fraction * total_steps
-        if paired_stage:
-            return terms
-        images, texts = (x.to(self.env.device) for x in next(self.batches))
-        inner = model.module if hasattr(model, "module") else model
-        u, v = inner.encode_image(images, normalize=True), inner.encode_text(texts, normalize=True)
+    def round(self, index: int, stage: int = 1):
+        """Round `index`'s (images, texts) batches. In stage 2 (no paired loader) it seeds the
+        augmentations itself; in stage 1 the paired epoch has, and both are drawn in step."""
+        if stage == 2:
+            torch.manual_seed(epoch_seed(self.seed + 1, index, self.env.rank))
+        stream = partial(make_pipeline, preprocess=self.preprocess, tokenizer=self.tokenizer,
+                         batch_size=self.cfg.batch_size, seed=self.seed + 1, epoch=index,
+                         batches_per_worker=self.steps_per_round)
+        if "texts" in self.pools:
+            images, texts = stream(self.pools["images"], modality="image"), stream(self.pools["texts"], modality="text")
+            return ((i["image"], t["text"]) for i, t in zip(images, texts))
+        return ((r["image"], r["text"]) for r in stream(self.pools["images"], modality="pair", complete_only=True))
+
+    def loss(self, image_features, text_features, logit_scale, teacher, images, texts) -> dict:
+        """L_u of the batch's features, pseudo-paired by top-K or by the frozen teacher's argmax partners."""
         pairs = None
-        if teacher is not None:  # frozen teacher: its argmax partners, replaced only when validation improves
+        if teacher is not None:
             with torch.no_grad():
                 pairs = teacher_pairs(flat(teacher.encode_image(images, normalize=True)) @
                                       flat(teacher.encode_text(texts, normalize=True)).T)
-        unpaired = self.loss(flat(u), flat(v), logit_scale, pairs=pairs)
-        return joint(None if self.cfg.schedule == "sequential" else terms, unpaired, self.cfg.gamma)
+        return self.unpaired_loss(flat(image_features), flat(text_features), logit_scale, pairs=pairs)
 
 
-def endless(urls, preprocess, tokenizer, batch_size: int, modality: str, seed: int, complete_only: bool = False):
-    epoch = 0
-    while True:
-        yield from make_pipeline(urls, preprocess, tokenizer, batch_size, seed=seed + 1, epoch=epoch,
-                                 batches_per_worker=1_000, modality=modality, complete_only=complete_only)
-        epoch += 1
+def frozen_copy(model) -> torch.nn.Module:
+    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 @torch.no_grad()
 def validate(run: Run, log, step: int, best: dict, teacher) -> None:
-    """Mean image<->text R@1 on the clean validation split; keep the best checkpoint (rank 0)."""
+    """Mean image<->text R@1 on the clean validation split; keep the best checkpoint (rank 0). MMCL's
+    teacher, if any, is replaced by the model when the model's recall beats the teacher's by 10%."""
     model, env = run.model, run.env
-    if not run.cfg.val_shards or not env.is_main:
+    if not run.cfg.val_shards:
         env.barrier()
         return
-    model.eval()
-    image_features, text_features = [], []
-    for batch in make_pipeline(run.cfg.val_shards, run.preprocess_val, run.tokenizer, 256):
-        image_features.append(flat(model.encode_image(batch["image"].to(env.device), normalize=True)).float())
-        text_features.append(flat(model.encode_text(batch["text"].to(env.device), normalize=True)).float())
-    recall = retrieval_recall(torch.cat(image_features), torch.cat(text_features), ks=(1,))
-    score = (recall["i2t_R@1"] + recall["t2i_R@1"]) / 2
-    log.write({"step": step, "val_recall@1": score, **{f"val_{k}": v for k, v in recall.items()}}, every=1)
-    if score > best["val_recall"]:
-        best["val_recall"] = score
-        export(model, run.cfg.model, f"{run.out}/checkpoints/best.pt")
-    if teacher is not None and score > 1.1 * best["teacher_recall"]:  # MMCL: replace on a 10% gain
+    replace = False
+    if env.is_main:
+        score = val_recall(run, model, log, step)
+        if score > best["val_recall"]:
+            best["val_recall"] = score
+            export(model, run.cfg.model, f"{run.out}/checkpoints/best.pt")
+        if teacher is not None:
+            if best["teacher_recall"] < 0:  # a new teacher: its own recall, measured once
+                best["teacher_recall"] = val_recall(run, teacher)
+            replace = score > 1.1 * best["teacher_recall"]
+            if replace:
+                best["teacher_recall"] = score
+    if teacher is not None and env.agree(replace):  # every rank replaces its copy, or none does
         teacher.load_state_dict(model.state_dict())
-        best["teacher_recall"] = score
     env.barrier()
 
 
-def save_state(path: str, model, optimizer, step: int, best: dict) -> None:
+def val_recall(run: Run, model, log=None, step: int = 0) -> float:
+    model.eval()
+    image_features, text_features = [], []
+    for batch in make_pipeline(run.cfg.val_shards, run.preprocess_val, run.tokenizer, 256):
+        image_features.append(flat(model.encode_image(batch["image"].to(run.env.device), normalize=True)).float())
+        text_features.append(flat(model.encode_text(batch["text"].to(run.env.device), normalize=True)).float())
+    recall = retrieval_recall(torch.cat(image_features), torch.cat(text_features), ks=(1,))
+    score = (recall["i2t_R@1"] + recall["t2i_R@1"]) / 2
+    if log is not None:
+        log.write({"step": step, "val_recall@1": score, **{f"val_{k}": v for k, v in recall.items()}}, every=1)
+    return score
+
+
+def save_state(path: str, model, optimizer, step: int, best: dict, teacher=None) -> None:
     # a kill during the save leaves the previous checkpoint intact (save_torch: rename locally, one put in a store)
-    save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best}, path)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best}
+    if teacher is not None:  # MMCL's frozen teacher: a resumed run pairs with the same one
+        state["teacher"] = teacher.state_dict()
+    save_torch(state, path)
 
 
-def load_state(path: str, model, optimizer, best: dict) -> int:
+def load_state(path: str, model, optimizer, best: dict) -> tuple[int, dict | None]:
+    """The step to resume at and the saved teacher's state dict (None without one); (0, None) without a checkpoint."""
     try:
         state = load_torch(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        return 0
+        return 0, None
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     best.update(state.get("best", {}))
-    return int(state["step"])
+    return int(state["step"]), state.get("teacher")
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:

@@ -21,8 +21,13 @@ their weights stay as they are:
 So with K = 1 nothing is added and the model is stock open_clip; `make_oblique(model, 1)` returns
 the model unchanged (its features stay (N, D); `oblique_similarity` takes those as K = 1).
 
-Checkpoints (`save_oblique` / `load_oblique`) are a dict {format, oblique_k, model_name, state_dict}
-loaded with torch.load(weights_only=True). A stock open_clip loader refuses them (unexpected keys
+Topology (`make_oblique(model, k, topology)`, the loss's: train/losses/oblique.py). "oblique": the
+encoders return (N, K, D/K), each token normalised on its own. "sphere" (the matched control): the
+same K tokens concatenated into (N, D) and normalised once, so every consumer (validation,
+evaluation) sees a D-dim unit vector and compares as stock CLIP does.
+
+Checkpoints (`save_oblique` / `load_oblique`) are a dict {format, oblique_k, topology, model_name,
+state_dict} (no topology: "oblique") loaded with torch.load(weights_only=True). A stock open_clip loader refuses them (unexpected keys
 for the new tokens, size mismatch for the projections); that refusal is deliberate.
 """
 
@@ -39,6 +44,7 @@ from torch import nn
 from train.models import create_model, load_torch, save_torch
 
 CHECKPOINT_FORMAT = "softcurate-oblique-v1"
+TOPOLOGIES = ("oblique", "sphere")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,8 +118,11 @@ class ObliqueCLIP(CLIP):
     """open_clip's CLIP whose encoders return (N, K, D/K); forward is CLIP's own.
 
     Set by `make_oblique` through a class swap; adds `text_extra_class_embedding` (K-1, width) and
-    the attribute `oblique_k`. encode_image is CLIP's (F.normalize on the last dim is per token).
+    the attributes `oblique_k` and `oblique_topology`.
     """
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self._features(self.visual(image), normalize)
 
     def _pooled_position(self, text: torch.Tensor) -> torch.Tensor:
         """Index of the token stock open_clip pools (EOT for CLIP's tokenizer): the caption's end."""
@@ -146,7 +155,13 @@ class ObliqueCLIP(CLIP):
         x = self.ln_final(self.transformer(x, attn_mask=self._text_attn_mask(text, x.dtype)))
         token0 = text_global_pool(x[:, :length], text, self.text_pool_type, eos_token_id=self.text_eos_id)
         tokens = _project(torch.cat([token0.unsqueeze(1), x[:, length:]], dim=1), self.text_projection)
-        return F.normalize(tokens, dim=-1) if normalize else tokens  # [N, K, D/K]
+        return self._features(tokens, normalize)
+
+    def _features(self, tokens: torch.Tensor, normalize: bool) -> torch.Tensor:
+        """(N, K, D/K) tokens, each normalised on its own (oblique); or their (N, D) concatenation, normalised once (sphere)."""
+        if self.oblique_topology == "sphere":
+            tokens = tokens.flatten(1)
+        return F.normalize(tokens, dim=-1) if normalize else tokens
 
     def get_logits(self, image, text):
         sim = oblique_similarity(self.encode_image(image, normalize=True), self.encode_text(text, normalize=True))
@@ -196,9 +211,11 @@ def _embed_dim(model: CLIP) -> int:
     return model.visual.proj.shape[1]
 
 
-def _check_convertible(model: CLIP, k: int) -> None:
+def _check_convertible(model: CLIP, k: int, topology: str = "oblique") -> None:
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"oblique K must be a positive integer, got {k!r}")
+    if topology not in TOPOLOGIES:
+        raise ValueError(f"oblique topology must be one of {', '.join(TOPOLOGIES)}, got {topology!r}")
     if getattr(model, "oblique_k", 1) != 1 or isinstance(model, ObliqueCLIP):
         raise ValueError(f"model is already oblique with K={model.oblique_k}")
     if type(model) is not CLIP:
@@ -216,28 +233,29 @@ def _check_convertible(model: CLIP, k: int) -> None:
         raise ValueError(f"embed_dim {_embed_dim(model)} is not divisible by K={k}")
 
 
-def _to_oblique(model: CLIP, k: int) -> CLIP:
+def _to_oblique(model: CLIP, k: int, topology: str = "oblique") -> CLIP:
     """The conversion itself, for any K >= 1 (K = 1 adds empty parameters and matches stock)."""
-    _check_convertible(model, k)
+    _check_convertible(model, k, topology)
     _oblique_visual(model.visual, k)
     _oblique_text(model, k)
-    model.oblique_k = k
+    model.oblique_k, model.oblique_topology = k, topology
     model.__class__ = ObliqueCLIP
     return model
 
 
-def make_oblique(model: CLIP, k: int) -> CLIP:
+def make_oblique(model: CLIP, k: int, topology: str = "oblique") -> CLIP:
     """Make a stock open_clip CLIP a K-token oblique model in place (see the module docstring).
 
-    encode_image / encode_text then return (N, K, D/K), each token unit-norm with normalize=True,
-    and forward returns (image_features, text_features, logit_scale) with those shapes. K is stored
-    as `model.oblique_k`. K = 1 returns the model unchanged (stock CLIP, features (N, D)).
+    encode_image / encode_text then return (N, K, D/K), each token unit-norm with normalize=True
+    (topology "sphere": their (N, D) concatenation, unit-norm), and forward returns (image_features,
+    text_features, logit_scale) with those shapes. K and the topology are stored as `model.oblique_k`
+    and `model.oblique_topology`. K = 1 returns the model unchanged (stock CLIP, features (N, D)).
     """
     if k == 1:
-        _check_convertible(model, 1)
+        _check_convertible(model, 1, topology)
         model.oblique_k = 1
         return model
-    return _to_oblique(model, k)
+    return _to_oblique(model, k, topology)
 
 
 def oblique_similarity(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -255,14 +273,15 @@ def oblique_similarity(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def save_oblique(model: nn.Module, path: str | Path, model_name: str | None = None) -> None:
-    """Write {format, oblique_k, model_name, state_dict}; `load_oblique` reads it back.
+    """Write {format, oblique_k, topology, model_name, state_dict}; `load_oblique` reads it back.
 
     Stock open_clip (`create_model_and_transforms(name, pretrained=path)`) refuses this file: the
     extra class tokens are unexpected keys and the projections are D/K wide. That is deliberate.
     """
     model = getattr(model, "module", model)  # a DDP wrapper saves its inner model's names
     payload = {"format": CHECKPOINT_FORMAT, "oblique_k": int(getattr(model, "oblique_k", 1)),
-               "model_name": model_name, "state_dict": model.state_dict()}
+               "topology": getattr(model, "oblique_topology", "oblique"), "model_name": model_name,
+               "state_dict": model.state_dict()}
     save_torch(payload, path)  # a killed save never leaves a checkpoint that looks complete (local or object store)
 
 
@@ -274,6 +293,7 @@ def load_oblique(name: str, path: str | Path, k: int, device: str | torch.device
     a checkpoint that is not oblique (a stock one loads with `create_model(name, pretrained=path)`),
     for a different K, or for a different model name when the checkpoint records one. A bare
     state dict of an oblique model (no header) is accepted too, its K read from its class tokens.
+    The model gets the checkpoint's topology (none recorded: "oblique").
     """
     try:
         payload = load_torch(path, map_location=device, weights_only=True)  # local or an fsspec url
@@ -291,6 +311,6 @@ def load_oblique(name: str, path: str | Path, k: int, device: str | torch.device
     if payload.get("model_name") not in (None, name):
         raise ValueError(f"{path}: checkpoint is a '{payload['model_name']}' model, asked for '{name}'")
     model, preprocess_train, preprocess_val, tokenizer = create_model(name, device=device)
-    model = make_oblique(model, k)
+    model = make_oblique(model, k, payload.get("topology", "oblique"))
     model.load_state_dict(payload["state_dict"])  # strict: any other mismatch names its keys
     return model, preprocess_train, preprocess_val, tokenizer

@@ -3,7 +3,7 @@ terms with "loss" the total to backpropagate.
 
     clip      ClipLoss       symmetric InfoNCE, local loss against gathered features
     softclip  SoftClipLoss   soft targets from intra-modal self-similarity (+ disentangled negatives)
-    oblique   ObliqueLoss    K-token features on the oblique manifold, capped logit scale
+    oblique   ObliqueLoss    K-token features on the oblique manifold (or one sphere), capped logit scale
     mmcl      MMCLLoss       the phi/psi family of Nakada et al. (+ UnpairedLoss, teacher_pairs, joint)
 """
 

@@ -40,12 +40,15 @@ class ClipLoss(nn.Module):
         takes_weight       forward takes `weight`, a weight per pair (the curate stage's keep-list)
         logit_scale_init   s when training starts (None: the model's own, open_clip's 1/0.07)
         logit_scale_min/max the range the loop keeps s in after every step (open_clip's [1, 100])
+        topology           how a K-token model (oblique_k > 1) normalises its features: "oblique", each
+                           token on its own sphere; "sphere", the K tokens as one vector (train/oblique.py)
     """
 
     score_fields: dict[str, str] = {}
     takes_weight = True
     logit_scale_init: float | None = None
     logit_scale_min, logit_scale_max = 1.0, 100.0
+    topology = "oblique"
 
     def __init__(self, rank: int = 0, world_size: int = 1, gather_with_grad: bool = True):
         super().__init__()

@@ -22,6 +22,16 @@ in effect, at K = 16 a logit range of +-16, about CLIP's initial +-14.3. We keep
                              the scale stays near 1 (0.985 with the floor at 0.1) and the cap never
                              binds (docs/RESULTS.md section 4).
 The loss clamps the scale it is given to logit_scale_max; the loop keeps the parameter in [min, max].
+
+Topology (`topology`, the control for "is it the product of spheres?"). "sphere" keeps the K tokens
+(same towers, same capacity) but L2-normalises their concatenation once: one point of S^{d-1},
+
+    sim(u, v) = <u / |u|, v / |v|>   in [-1, 1],   u = (u_1, ..., u_K) flattened,
+
+which is ClipLoss on that vector. Its scale defaults are then CLIP's (init: the model's own, 1/0.07
+for open_clip; range [1, 100]); the efficacy table's matched control sets init 16, the initial logit
+range of K = 16 oblique at s = 1. The loop builds the model with the loss's topology (a sphere model
+returns the (N, D) concatenation), so evaluation compares features as training did.
 """
 
 from __future__ import annotations
@@ -31,25 +41,37 @@ import torch.nn.functional as F
 
 from train.losses.clip import ClipLoss
 
+SCALES = {"oblique": (1.0, 1.0, 6.25), "sphere": (None, 1.0, 100.0)}  # topology -> default (init, min, max) of s
+
 
 class ObliqueLoss(ClipLoss):
-    """forward(image_features (N, K, d/K), text_features (N, K, d/K), logit_scale) -> {"loss", "i2t", "t2i"}."""
+    """forward(image_features (N, K, d/K), text_features (N, K, d/K), logit_scale) -> {"loss", "i2t", "t2i"}.
+
+    The logit-scale arguments left unset take the topology's defaults (SCALES)."""
 
     takes_weight = False
 
-    def __init__(self, logit_scale_init: float = 1.0, logit_scale_max: float = 6.25, logit_scale_min: float = 1.0,
+    def __init__(self, logit_scale_init: float | None = None, logit_scale_max: float | None = None,
+                 logit_scale_min: float | None = None, topology: str = "oblique",
                  rank: int = 0, world_size: int = 1, gather_with_grad: bool = True):
         super().__init__(rank, world_size, gather_with_grad)
-        if not 0 < logit_scale_min <= logit_scale_init <= logit_scale_max:  # the loop keeps s in [min, max]
+        if topology not in SCALES:
+            raise ValueError(f"ObliqueLoss topology must be 'oblique' or 'sphere', got {topology!r}")
+        init, low, high = (given if given is not None else default for given, default in
+                           zip((logit_scale_init, logit_scale_min, logit_scale_max), SCALES[topology]))
+        if not 0 < low <= high or (init is not None and not low <= init <= high):  # the loop keeps s in [min, max]
             raise ValueError(f"ObliqueLoss needs 0 < logit_scale_min <= logit_scale_init <= logit_scale_max, "
-                             f"got {logit_scale_min}, {logit_scale_init} and {logit_scale_max}")
-        self.logit_scale_init, self.logit_scale_max, self.logit_scale_min = logit_scale_init, logit_scale_max, logit_scale_min
+                             f"got {low}, {init} and {high}")
+        self.logit_scale_init, self.logit_scale_max, self.logit_scale_min = init, high, low
+        self.topology = topology
 
     def forward(self, image_features, text_features, logit_scale) -> dict[str, torch.Tensor]:
         u, w = tokens(image_features), tokens(text_features)
         if u.shape[1:] != w.shape[1:]:
             raise ValueError(f"oblique features must be (N, K, d) with equal K and d, got {tuple(u.shape)} "
                              f"and {tuple(w.shape)}")
+        if self.topology == "sphere":  # the K tokens as one token: normalised once, below
+            u, w = u.flatten(1).unsqueeze(1), w.flatten(1).unsqueeze(1)
         u, w = F.normalize(u, dim=-1), F.normalize(w, dim=-1)  # each token on its own sphere
         scale = torch.as_tensor(logit_scale, dtype=u.dtype, device=u.device).clamp(max=self.logit_scale_max)
         return super().forward(u.flatten(1), w.flatten(1), scale)  # <flat u, flat w> = sum_k <u_k, w_k>

@@ -27,11 +27,13 @@ over the row count. The tests check both against the formulas above term by term
 Sources (`target`):
 - "teacher": a, b are the score stage's teacher embeddings of the batch (teacher_image, teacher_text),
   L2-normalised here (they arrive as float16) and detached. text_targets="sentence" takes b from the
-  score stage's sentence-transformers embeddings (sentence_emb) instead of the CLIP teacher's text side. tau_s defaults to 0.01 = 1/100, the
-  learned temperature of open_clip's pretrained teachers (their logit scale sits at the cap);
-  pass tau_s = 1 / (the teacher's logit scale, scores/_summary.json) for any other teacher.
+  score stage's sentence-transformers embeddings (sentence_emb) instead of the CLIP teacher's text side.
+  tau_s unset: 0.01 = 1/100, the learned temperature of open_clip's pretrained teachers (their logit
+  scale sits at the cap). The train stage passes tau_s = 1 / (the scoring teacher's logit scale,
+  scores/_summary.json) when that file exists (pipelines/train.py `resolve`), for this target only.
 - "self": a, b are the student's own features, detached (stop-gradient: otherwise the target
-  collapses onto the prediction); tau_s defaults to 1/s of the student, detached.
+  collapses onto the prediction); tau_s unset: 1/s of the student, detached (the train stage never
+  sets it: the targets are the student's, at the student's temperature).
 
 Noise-adaptive alpha (our extension): set alpha_min and alpha_max and pass clean_prob c;
 alpha_i = alpha_min + (alpha_max - alpha_min) * (1 - c_i), so a doubted pair leans on its neighbours.
