@@ -27,11 +27,12 @@ from pipelines import world
 from pipelines.config import WorldConfig
 from pipelines.world import build_world, failing_rows, write_url_list
 from pipelines.world_server import serve_world
+from pipelines.worlds import shapes
 
 SEED = 7
 CFG = WorldConfig(n_train=300, n_val=20, n_test=20)
-ATTRIBUTE_WORDS = {w for words in world.WORDS.values() for options in words.values() for w in options} \
-    | set(world.SHAPE_ADJECTIVES.values())
+ATTRIBUTE_WORDS = {w for words in shapes.WORDS.values() for options in words.values() for w in options} \
+    | set(shapes.SHAPE_ADJECTIVES.values())
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def test_layout_and_truth_schema(world_dir, truth):
     for row in truth.iter_rows(named=True):
         objects = json.loads(row["objects"])
         assert len(objects) == row["n_objects"] and 1 <= len(objects) <= 3
-        assert {a: objects[0][a] for a in world.ATTRS} == {a: row[a] for a in world.ATTRS}
+        assert {a: objects[0][a] for a in shapes.ATTRS} == {a: row[a] for a in shapes.ATTRS}
         assert objects[0]["size"] == "large" or all(o["size"] == "small" for o in objects)  # largest first
 
 
@@ -91,8 +92,32 @@ def test_world_json(world_dir, truth):
         meta = json.load(f)
     assert meta["seed"] == SEED and meta["config"] == CFG.model_dump(mode="json")
     assert meta["noise_counts"] == dict(Counter(truth["noise_type"].to_list()))
-    assert meta["vocab"]["shape"] == list(world.SHAPES) and len(meta["vocab"]["colour"]) == 6
+    assert meta["vocab"]["shape"] == list(shapes.SHAPES) and len(meta["vocab"]["colour"]) == 6
     assert meta["templates"]["boilerplate"] and meta["templates"]["sentence"]
+
+
+def world_digest(world_dir: str) -> str:
+    """The content of a world's data files (truth rows, images, split members, url list), not their containers."""
+    h = hashlib.sha256()
+    h.update(json.dumps(pl.read_parquet(os.path.join(world_dir, "truth.parquet")).to_dicts(), sort_keys=True).encode())
+    for name in sorted(os.listdir(os.path.join(world_dir, "images"))):
+        with open(os.path.join(world_dir, "images", name), "rb") as f:
+            h.update(name.encode() + f.read())
+    for split in ("val.tar", "test.tar"):
+        with tarfile.open(os.path.join(world_dir, split)) as tar:
+            for member in tar:
+                h.update(member.name.encode() + tar.extractfile(member).read())
+    tsv, _ = write_url_list(world_dir, "http://127.0.0.1:9")
+    with open(tsv, "rb") as f:
+        h.update(f.read())
+    return h.hexdigest()
+
+
+def test_shapes_world_keeps_its_bytes(tmp_path):
+    """A tiny shapes world (every noise kind, partial captions, failing urls) as it has always been drawn: the
+    efficacy results on it stay comparable. A deliberate change to the shapes world updates this digest."""
+    build_world(WorldConfig(n_train=60, n_val=8, n_test=8, image_size=32), str(tmp_path), 5)
+    assert world_digest(str(tmp_path)) == "bed207dd1f8215feffb53e4c5f954271613d545afbbc76849af500ef4f446183"
 
 
 def test_same_seed_same_bytes_other_seed_other_world(world_dir, tmp_path):
@@ -148,8 +173,8 @@ def test_images_decode_at_image_size(world_dir):
 
 def test_objects_never_overlap():
     for index in range(2000):
-        scene = world.make_scene(3, world.TRAIN, index)
-        assert not world.overlaps(scene["objects"], scene["centres"])
+        scene = shapes.make_scene(3, world.TRAIN, index, CFG)
+        assert not shapes.overlaps(scene["objects"], scene["centres"])
         assert len({o["position"] for o in scene["objects"]}) == len(scene["objects"])
 
 
@@ -157,13 +182,13 @@ def test_objects_have_their_colour_where_the_truth_says():
     """A single-object image: its object's colour is found at its position, not elsewhere."""
     size = 64
     for index in range(300):
-        scene = world.make_scene(11, world.VAL, index)
+        scene = shapes.make_scene(11, world.VAL, index, CFG)
         if len(scene["objects"]) != 1:
             continue
-        pixels = np.asarray(world.render(scene, size), np.float32)
+        pixels = np.asarray(shapes.render(scene, size), np.float32)
         x, y = (int(v * size) for v in scene["centres"][0])
         centre = pixels[y - 2:y + 3, x - 2:x + 3].reshape(-1, 3).mean(0)
-        assert np.abs(centre - world.COLOURS[scene["objects"][0]["colour"]]).max() < 40
+        assert np.abs(centre - shapes.COLOURS[scene["objects"][0]["colour"]]).max() < 40
 
 
 # ---------------------------------------------------------------- noise
@@ -198,10 +223,10 @@ def test_derangement_gives_every_target_a_caption_that_does_not_fit():
                for i in range(40)]
     specs = [{"mentions": [{"colour": o[0]["colour"]}]} for o in objects]
     targets = list(range(0, 40, 3))
-    donors = world.derange(targets, specs, objects, np.random.default_rng(0))
+    donors = world.derange(shapes, targets, specs, objects, np.random.default_rng(0))
     assert sorted(donors) == targets and sorted(donors.values()) == targets
     for target, donor in donors.items():
-        assert donor != target and not world.describes(specs[donor]["mentions"], objects[target])
+        assert donor != target and not shapes.describes(specs[donor]["mentions"], objects[target])
 
 
 def test_wrong_attribute_changes_exactly_one_attribute_word(truth):
@@ -256,9 +281,9 @@ def test_partial_captions_at_the_configured_rate(truth):
     for row in clean.iter_rows(named=True):
         words = set(tokens(row["clean_caption"]))
         objects = json.loads(row["objects"])
-        every_colour = all(set(world.WORDS["colour"][o["colour"]]) & words for o in objects)
-        every_shape = all(set(world.WORDS["shape"][o["shape"]]) & words for o in objects)
-        every_position = all(set(world.WORDS["position"][o["position"]]) & words for o in objects)
+        every_colour = all(set(shapes.WORDS["colour"][o["colour"]]) & words for o in objects)
+        every_shape = all(set(shapes.WORDS["shape"][o["shape"]]) & words for o in objects)
+        every_position = all(set(shapes.WORDS["position"][o["position"]]) & words for o in objects)
         if not row["partial"]:
             assert every_colour and every_shape and every_position, row["clean_caption"]
     partial = clean.filter(pl.col("partial"))["clean_caption"].to_list()
@@ -267,8 +292,8 @@ def test_partial_captions_at_the_configured_rate(truth):
 
 def test_attributes_balanced(truth):
     objects = [o for row in truth["objects"] for o in json.loads(row)]
-    for attr, values in (("shape", world.SHAPES), ("colour", list(world.COLOURS)),
-                         ("size", list(world.SIZES)), ("position", list(world.POSITIONS))):
+    for attr, values in (("shape", shapes.SHAPES), ("colour", list(shapes.COLOURS)),
+                         ("size", list(shapes.SIZES)), ("position", list(shapes.POSITIONS))):
         counts = Counter(o[attr] for o in objects)
         assert set(counts) == set(values)
         expected = len(objects) / len(values)
@@ -285,14 +310,14 @@ def test_val_and_test_tars_are_clean_and_labelled(world_dir, truth):
         for sample in samples:
             assert sample["jpg"].size == (CFG.image_size, CFG.image_size)
             labels, caption = sample["json"], sample["txt"]
-            assert {a: labels[a] for a in world.ATTRS} == {a: labels["objects"][0][a] for a in world.ATTRS}
+            assert {a: labels[a] for a in shapes.ATTRS} == {a: labels["objects"][0][a] for a in shapes.ATTRS}
             assert caption and "\t" not in caption and not world.boilerplate_regex().fullmatch(caption)
             words = set(tokens(caption))
-            colours = {c for c, options in world.WORDS["colour"].items() if words & set(options)}
+            colours = {c for c, options in shapes.WORDS["colour"].items() if words & set(options)}
             assert colours <= {o["colour"] for o in labels["objects"]}  # never a colour that is not there
             if not labels["partial"]:
-                assert words & set(world.WORDS["colour"][labels["colour"]]), caption
-                assert words & set(world.WORDS["shape"][labels["shape"]]), caption
+                assert words & set(shapes.WORDS["colour"][labels["colour"]]), caption
+                assert words & set(shapes.WORDS["shape"][labels["shape"]]), caption
         with tarfile.open(os.path.join(world_dir, name)) as tar:
             seen |= {hashlib.sha256(tar.extractfile(m).read()).hexdigest() for m in tar if m.name.endswith(".jpg")}
     assert len(seen) == CFG.n_val + CFG.n_test and not seen & train_images  # no split shares an image
