@@ -42,7 +42,7 @@ class FailingUrlsConfig(Strict):
 
 
 class WorldConfig(Strict):
-    kind: str = "shapes"  # the generator (pipelines/worlds/)
+    kind: str = "shapes"  # the generator (pipelines/worlds/): shapes, patterns
     max_objects: Optional[int] = Field(None, ge=1)  # objects per image at most; unset: the kind's most
     n_train: int = Field(4000, ge=1)
     n_val: int = Field(500, ge=0)

@@ -2,6 +2,10 @@
 
     shapes    1-3 coloured shapes at positions, two sizes, on quiet backgrounds;
               "a photo of a small red circle at the left" (zero-shot: shape, colour)
+    patterns  1-2 swatches printed with stripes, checks, dots, zigzags or a grid (fine or bold) in
+              one ink on a ground colour, on a table; every pattern inks half its card, so only
+              structure tells them apart; "bold striped swatch, red on white (left)",
+              "fine blue dots on a cream card at the top" (zero-shot: pattern, colour)
 
 A generator is a module with MAX_OBJECTS, VOCAB (attribute -> values; the first object's values
 are the truth table's columns), ZERO_SHOT (attribute -> prompt templates), META (its words and
@@ -19,7 +23,7 @@ from types import ModuleType
 
 import numpy as np
 
-KINDS = ("shapes",)
+KINDS = ("shapes", "patterns")
 
 
 def generator(kind: str) -> ModuleType:
