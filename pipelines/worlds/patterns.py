@@ -1,9 +1,10 @@
 """The patterns world: 1-2 patterned swatches (cards of printed fabric) lying on a table.
 
 Each swatch is printed in one ink colour on a ground colour with a pattern (stripes, checks, dots,
-zigzags, grid) at a fine or bold scale. Every pattern covers half its card in ink, so the colour
-histogram of an image says nothing about its pattern: only the structure does. Stripes and zigzags
-run across or along the card (not captioned), and every pattern starts at a random phase.
+zigzags, grid) at a fine or bold scale. Every pattern covers half its card in ink, has as much edge
+per area as the others and is drawn without blended pixels, so the colour histogram of an image
+says next to nothing about its pattern: only the structure does. Patterns run across or along the
+card (not captioned) and start at a random phase.
 
 Captions read like product listings ("bold striped swatch, red on white (left)") or alt text
 ("fine blue dots on a cream card at the top"), with synonyms; a partial caption names some swatches
@@ -20,7 +21,10 @@ from pipelines.worlds import change_one_word, describes  # noqa: F401  (describe
 MAX_OBJECTS = 2
 ATTRS = ("pattern", "scale", "colour", "ground", "position")
 PATTERNS = ("stripes", "checks", "dots", "zigzags", "grid")
-SCALES = {"fine": 1 / 6, "bold": 1 / 4}  # pattern period / image side: 5.3 and 8 px at 32 px
+SCALES = {"fine": 1 / 8, "bold": 1 / 5.5}  # a stripe period / image side: 4 and 5.8 px at 32 px
+# Each pattern's period in stripe periods, such that every pattern has as much edge per area as stripes
+# (two edges a period): the pixels along edges, which JPEG blends, do not tell the patterns apart either.
+STRETCH = {"stripes": 1.0, "checks": 2.0, "dots": 1.346, "zigzags": np.sqrt(2), "grid": np.sqrt(2)}
 INKS = {"red": (200, 30, 35), "green": (25, 135, 55), "blue": (35, 70, 205), "purple": (125, 45, 165),
         "orange": (235, 120, 20), "black": (35, 35, 35)}
 GROUNDS = {"white": (245, 245, 240), "cream": (240, 224, 178), "grey": (178, 178, 178), "pink": (242, 182, 196)}
@@ -55,7 +59,6 @@ ZERO_SHOT = {  # the labels of one-object images, prompted the way the captions 
 META = {"vocab": {a: list(VOCAB[a]) for a in ATTRS}, "words": WORDS, "pattern_nouns": PATTERN_NOUNS,
         "nouns": list(NOUNS), "templates": {"listing": list(LISTING_TEMPLATES), "alt": list(ALT_TEMPLATES),
                                             "listing_frames": list(LISTING_FRAMES), "alt_frames": list(ALT_FRAMES)}}
-SUPERSAMPLE = 4  # drawn at 4x and averaged: fine patterns stay crisp and alias-free at 32 px
 
 
 # ---------------------------------------------------------------- scenes and images
@@ -118,26 +121,19 @@ def table(spec: dict, size: int) -> np.ndarray:
 
 
 def draw_card(pixels: np.ndarray, obj: dict, box: tuple, colours: tuple, look: dict) -> None:
-    """One swatch onto `pixels`, each pixel from SUPERSAMPLE^2 samples (its ink share and the card's edge)."""
-    size, k = pixels.shape[0], SUPERSAMPLE
+    """One swatch onto `pixels`, sampled at pixel centres: no pixel blends ink and ground (blended edge pixels
+    are more common along slanted and curved edges, and would let a colour histogram tell the patterns apart)."""
+    size = pixels.shape[0]
+    centres = (np.arange(size) + 0.5) / size
     x0, y0, x1, y1 = box
-    cols = np.arange(int(x0 * size), min(size, int(np.ceil(x1 * size))))
-    rows = np.arange(int(y0 * size), min(size, int(np.ceil(y1 * size))))
-    xs = (cols[0] * k + np.arange(len(cols) * k) + 0.5) / (size * k)  # sample points, fractions of the side
-    ys = (rows[0] * k + np.arange(len(rows) * k) + 0.5) / (size * k)
-    inside = ((ys >= y0) & (ys < y1))[:, None] & ((xs >= x0) & (xs < x1))[None, :]
-    period = SCALES[obj["scale"]]
-    u, v = ((xs - x0) / period + look["phase"][0])[None, :], ((ys - y0) / period + look["phase"][1])[:, None]
+    cols, rows = np.flatnonzero((centres >= x0) & (centres < x1)), np.flatnonzero((centres >= y0) & (centres < y1))
+    period = SCALES[obj["scale"]] * STRETCH[obj["pattern"]]
+    u = ((centres[cols] - x0) / period + look["phase"][0])[None, :]
+    v = ((centres[rows] - y0) / period + look["phase"][1])[:, None]
     if look["across"]:
         u, v = v, u
-
-    def share(mask: np.ndarray) -> np.ndarray:
-        return mask.reshape(len(rows), k, len(cols), k).mean((1, 3), dtype=np.float32)[..., None]
-
-    card, ink = share(inside), share(ink_mask(obj["pattern"], u, v) & inside)
-    ink_rgb, ground_rgb = (np.array(c, np.float32) for c in colours)
-    patch = pixels[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    patch[:] = (1 - card) * patch + (card - ink) * ground_rgb + ink * ink_rgb
+    ink, ground = (np.array(c, np.float32) for c in colours)
+    pixels[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = np.where(ink_mask(obj["pattern"], u, v)[..., None], ink, ground)
 
 
 # ---------------------------------------------------------------- captions
