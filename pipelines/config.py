@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional
 
 import fsspec
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from train.config import Strict, TrainConfig, UnpairedConfig, option  # noqa: F401  (the train stage's settings live in train/)
 from train.files import atomic_write
@@ -42,6 +42,8 @@ class FailingUrlsConfig(Strict):
 
 
 class WorldConfig(Strict):
+    kind: str = "shapes"  # the generator (pipelines/worlds/): shapes, patterns
+    max_objects: Optional[int] = Field(None, ge=1)  # objects per image at most; unset: the kind's most
     n_train: int = Field(4000, ge=1)
     n_val: int = Field(500, ge=0)
     n_test: int = Field(1000, ge=0)
@@ -53,6 +55,24 @@ class WorldConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)  # 0: any free port
     timeout_delay: float = Field(30.0, gt=0)  # how long a "timeout" url stalls
+
+    @field_validator("kind")
+    @classmethod
+    def known_kind(cls, kind: str) -> str:
+        from pipelines.worlds import generator  # the generators import numpy and PIL: only when a world is used
+
+        generator(kind)
+        return kind
+
+    @field_validator("max_objects")
+    @classmethod
+    def within_the_kind(cls, most: int | None, info: ValidationInfo) -> int | None:
+        from pipelines.worlds import generator
+
+        kind = info.data.get("kind")  # absent when the kind itself was refused
+        if most is not None and kind is not None and most > generator(kind).MAX_OBJECTS:
+            raise ValueError(f"the {kind} world holds 1 to {generator(kind).MAX_OBJECTS} objects per image")
+        return most
 
 
 # ---------------------------------------------------------------- the shard stage

@@ -1,7 +1,7 @@
 """The demo world: a procedurally generated image-caption dataset whose noise is known.
 
-Images hold 1-3 coloured shapes on a quiet background; captions describe them with several
-templates and synonyms, some only partly. The train split carries injected noise (swapped
+A generator (`world.kind`, pipelines/worlds/) draws the scenes, renders them and captions them with
+several templates and synonyms, some only partly. The train split carries injected noise (swapped
 captions, one wrong attribute, web boilerplate, near-duplicate images with a wrong caption) and
 `truth.parquet` records which rows are noisy and how, so noise detection and soft targets can be
 scored against ground truth. Val and test are clean WebDataset tars.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import itertools
 import json
 import os
 import re
@@ -25,35 +24,13 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from pipelines.config import Config, ConfigError, WorldConfig, ZeroShotTask, join
 from pipelines.io import atomic_open, atomic_write
+from pipelines.worlds import generator
 
 TRAIN, VAL, TEST, FAIL = 0, 1, 2, 3  # split ids in the RNG keys
-ATTRS = ("shape", "colour", "size", "position")
-SHAPES = ("circle", "square", "triangle", "star", "cross", "heart")
-COLOURS = {"red": (215, 35, 35), "green": (35, 160, 60), "blue": (40, 80, 220),
-           "yellow": (235, 205, 30), "purple": (135, 50, 175), "orange": (240, 130, 25)}
-SIZES = {"small": 0.21, "large": 0.32}  # box side / image side: small >= 1/5, large clearly larger
-# Object centres (x, y) as fractions: any two large boxes at different positions do not overlap.
-POSITIONS = {"left": (0.17, 0.5), "right": (0.83, 0.5), "top": (0.5, 0.17), "bottom": (0.5, 0.83),
-             "centre": (0.5, 0.5)}
-VOCAB = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "position": tuple(POSITIONS)}
-# Every word is one token, so a wrong attribute changes exactly one word of a caption.
-WORDS = {
-    "shape": {"circle": ["circle", "disc"], "square": ["square", "box"], "triangle": ["triangle"],
-              "star": ["star"], "cross": ["cross", "plus"], "heart": ["heart"]},
-    "colour": {c: [c] for c in COLOURS} | {"purple": ["purple", "violet"]},
-    "size": {"small": ["small", "little"], "large": ["large", "big"]},
-    "position": {p: [p] for p in POSITIONS} | {"centre": ["centre", "middle"]},
-}
-SHAPE_ADJECTIVES = {"circle": "round", "square": "square", "triangle": "triangular", "star": "star-shaped",
-                    "cross": "cross-shaped", "heart": "heart-shaped"}
-NOUNS = ("thing", "object", "shape")  # when a partial caption leaves out the shape
-SENTENCE_TEMPLATES = ("a photo of {}", "there is {}", "an image showing {}", "a picture of {}", "{}")
-TERSE_TEMPLATES = ("{}", "photo: {}")
-POSITION_FRAMES = ("at the {}", "towards the {}", "in the {} area")
 BOILERPLATE = ("click to enlarge", "image may contain: outdoor", "image may contain: one or more people",
                "stock photo", "thumbnail", "no description available", "untitled", "view full size",
                "royalty free stock image", "free download", "placeholder image", "add to cart",
@@ -62,81 +39,7 @@ NOISE_TYPES = ("swapped_caption", "wrong_attribute", "boilerplate", "near_duplic
 SERVING_KEYS = ("dir", "host", "port", "timeout_delay")  # do not change the content
 
 
-# ---------------------------------------------------------------- scenes and images
-def make_scene(seed: int, split: int, index: int) -> dict:
-    """Objects, their exact placement and colour, and the background of one item."""
-    rng = np.random.default_rng([seed, split, index])
-    n = 1 + int(rng.random() > 0.45) + int(rng.random() > 0.6)  # 1, 2 or 3 objects, fewer more often
-    places = rng.permutation(len(POSITIONS))[:n]  # distinct positions
-    shapes, colours, sizes = rng.integers(6, size=n), rng.integers(6, size=n), rng.integers(2, size=n)
-    objects = [{"shape": SHAPES[s], "colour": VOCAB["colour"][c], "size": VOCAB["size"][z],
-                "position": VOCAB["position"][p]} for p, s, c, z in zip(places, shapes, colours, sizes)]
-    objects.sort(key=lambda o: o["size"] != "large")  # object 0 is the (first) largest
-    centres = [POSITIONS[o["position"]] for o in objects]
-    jittered = [tuple(c + rng.uniform(-0.02, 0.02, 2)) for c in centres]
-    if not overlaps(objects, jittered):  # without jitter the layout never overlaps
-        centres = jittered
-    rgbs = [tuple(min(255, max(0, c + int(d))) for c, d in zip(COLOURS[o["colour"]], rng.integers(-15, 16, 3)))
-            for o in objects]
-    grey, warm = rng.uniform(100, 215, 2), rng.uniform(0, 1, 2)  # low saturation: greys to beiges
-    tones = [tuple(int(g + w * t) for t in (10, 4, -14)) for g, w in zip(grey, warm)]
-    background = {"kind": ("flat", "gradient", "texture")[rng.integers(3)], "tones": tones,
-                  "angle": float(rng.uniform(0, 2 * np.pi)), "texture_seed": int(rng.integers(2**31))}
-    return {"objects": objects, "centres": centres, "rgbs": rgbs, "background": background}
-
-
-def overlaps(objects: list[dict], centres: list[tuple]) -> bool:
-    half = [SIZES[o["size"]] / 2 for o in objects]
-    return any(abs(a[0] - b[0]) < ha + hb and abs(a[1] - b[1]) < ha + hb
-               for (a, ha), (b, hb) in itertools.combinations(zip(centres, half), 2))
-
-
-def background(bg: dict, size: int) -> Image.Image:
-    if bg["kind"] == "flat":
-        return Image.new("RGB", (size, size), bg["tones"][0])
-    first, second = (np.array(t, np.float32) for t in bg["tones"])
-    if bg["kind"] == "gradient":
-        t = np.linspace(0, 1, size, dtype=np.float32)
-        ramp = np.cos(bg["angle"]) * t[None, :] + np.sin(bg["angle"]) * t[:, None]
-        ramp = (ramp - ramp.min()) / (np.ptp(ramp) + 1e-6)
-        pixels = first + ramp[..., None] * (second - first)
-    else:  # grey noise: texture without colour
-        pixels = first + np.random.default_rng(bg["texture_seed"]).normal(0, 7, (size, size, 1)).astype(np.float32)
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
-
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, rgb: tuple) -> None:
-    """One filled shape inside the box of half-side r around (cx, cy)."""
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)
-    elif shape == "square":
-        s = 0.85 * r  # a full box would look bigger than the circle of the same size
-        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=rgb)
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=rgb)
-    elif shape == "star":
-        angles = -np.pi / 2 + np.arange(10) * np.pi / 5
-        radii = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
-        draw.polygon(list(zip(cx + radii * np.cos(angles), cy + radii * np.sin(angles))), fill=rgb)
-    elif shape == "cross":
-        w = 0.32 * r
-        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=rgb)
-        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=rgb)
-    else:  # heart: two lobes over a point
-        lobe = 0.5 * r
-        for x in (cx - lobe, cx + lobe):
-            draw.ellipse([x - lobe, cy - r, x + lobe, cy - r + 2 * lobe], fill=rgb)
-        draw.polygon([(cx - r, cy - 0.35 * r), (cx + r, cy - 0.35 * r), (cx, cy + r)], fill=rgb)
-
-
-def render(scene: dict, size: int) -> Image.Image:
-    image = background(scene["background"], size)
-    draw = ImageDraw.Draw(image)
-    for obj, (x, y), rgb in zip(scene["objects"], scene["centres"], scene["rgbs"]):
-        draw_shape(draw, obj["shape"], x * size, y * size, SIZES[obj["size"]] * size / 2, rgb)
-    return image
-
-
+# ---------------------------------------------------------------- images
 def near_duplicate(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """A one-pixel shift, a brightness change and a lossy re-encode of the same picture."""
     size = image.size[0]
@@ -155,70 +58,6 @@ def jpeg(image: Image.Image) -> bytes:
 
 
 # ---------------------------------------------------------------- captions
-def make_caption(objects: list[dict], rng: np.random.Generator, partial_rate: float) -> tuple[str, dict]:
-    """A caption and its spec: the mentioned attributes of each mentioned object plus the wording."""
-    partial = bool(rng.random() < partial_rate)
-    mentions = list(objects)  # shares the dicts: nothing mutates a mention in place
-    if partial:  # some objects, each with 1-3 of its 4 attributes
-        chosen = sorted(rng.choice(len(objects), rng.integers(1, len(objects) + 1), replace=False))
-        mentions = [{a: objects[k][a] for a in sorted(rng.choice(ATTRS, rng.integers(1, 4), replace=False),
-                                                      key=ATTRS.index)} for k in chosen]
-    wording = {"terse": bool(rng.random() < 0.3), "template": int(rng.integers(60)),  # 60: uniform mod 2, 3 and 5
-               "frame": int(rng.integers(len(POSITION_FRAMES))), "noun": int(rng.integers(len(NOUNS))),
-               "adjective": bool(rng.random() < 0.5), "synonyms": tuple(int(s) for s in rng.integers(0, 2, 4))}
-    spec = {"mentions": mentions, "wording": wording, "partial": partial}
-    return render_caption(spec), spec
-
-
-def word(attr: str, value: str, wording: dict) -> str:
-    options = WORDS[attr][value]
-    return options[wording["synonyms"][ATTRS.index(attr)] % len(options)]
-
-
-def object_phrase(mention: dict, wording: dict) -> str:
-    if set(mention) == {"shape"} and wording["adjective"]:
-        return "something " + SHAPE_ADJECTIVES[mention["shape"]]
-    words = [word(a, mention[a], wording) for a in ("size", "colour") if a in mention]
-    words.append(word("shape", mention["shape"], wording) if "shape" in mention else NOUNS[wording["noun"]])
-    text = " ".join(words)
-    if not wording["terse"]:
-        text = ("an " if text[0] in "aeiou" else "a ") + text
-    if "position" in mention:
-        where = word("position", mention["position"], wording)
-        text += f", {where}" if wording["terse"] else " " + POSITION_FRAMES[wording["frame"]].format(where)
-    return text
-
-
-def render_caption(spec: dict) -> str:
-    wording = spec["wording"]
-    phrases = [object_phrase(m, wording) for m in spec["mentions"]]
-    if wording["terse"]:
-        return TERSE_TEMPLATES[wording["template"] % len(TERSE_TEMPLATES)].format("; ".join(phrases))
-    body = phrases[-1] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    return SENTENCE_TEMPLATES[wording["template"] % len(SENTENCE_TEMPLATES)].format(body)
-
-
-def describes(mentions: list[dict], objects: list[dict]) -> bool:
-    """True when distinct objects of the scene match every mentioned attribute."""
-    return any(all(o[a] == m[a] for m, o in zip(mentions, chosen) for a in m)
-               for chosen in itertools.permutations(objects, len(mentions)))
-
-
-def wrong_attribute(spec: dict, objects: list[dict], rng: np.random.Generator) -> str | None:
-    """The caption with one attribute word replaced so that it no longer fits the image (None: impossible)."""
-    clean = render_caption(spec).split()
-    candidates = [(k, a, v) for k, m in enumerate(spec["mentions"]) for a in m for v in VOCAB[a] if v != m[a]]
-    for pick in rng.permutation(len(candidates)):
-        k, attr, value = candidates[pick]
-        mentions = [dict(m) for m in spec["mentions"]]
-        mentions[k][attr] = value
-        text = render_caption({**spec, "mentions": mentions})
-        changed = [a != b for a, b in zip(clean, text.split())]  # "a red" -> "an orange" changes two words
-        if len(text.split()) == len(clean) and sum(changed) == 1 and not describes(mentions, objects):
-            return text
-    return None
-
-
 def boilerplate(rng: np.random.Generator) -> str:
     template = BOILERPLATE[rng.integers(len(BOILERPLATE))]
     if template.startswith("photo"):
@@ -253,7 +92,7 @@ def pick_noise(n: int, cfg: WorldConfig, seed: int) -> tuple[list[str], list[int
     return kinds, dup_of, counts
 
 
-def derange(targets: list[int], specs: list[dict], objects: list[list[dict]], rng) -> dict[int, int]:
+def derange(gen, targets: list[int], specs: list[dict], objects: list[list[dict]], rng) -> dict[int, int]:
     """target -> donor: a permutation of the targets' own captions in which no caption fits its new image."""
     order = [int(t) for t in rng.permutation(targets)]
     if len(order) == 1:  # nothing to permute with: borrow from a neighbour
@@ -262,7 +101,7 @@ def derange(targets: list[int], specs: list[dict], objects: list[list[dict]], rn
     donor = {t: donor[t] for t in targets}
 
     def bad(t: int) -> bool:
-        return donor[t] == t or describes(specs[donor[t]]["mentions"], objects[t])
+        return donor[t] == t or gen.describes(specs[donor[t]]["mentions"], objects[t])
 
     for t in list(donor):
         for _ in range(200):
@@ -275,32 +114,26 @@ def derange(targets: list[int], specs: list[dict], objects: list[list[dict]], rn
     return donor
 
 
-def fresh_caption(seed: int, index: int, objects: list[dict], avoid: str, partial_rate: float) -> tuple[str, dict]:
+def fresh_caption(gen, seed: int, index: int, objects: list[dict], avoid: str, partial_rate: float) -> tuple[str, dict]:
     """A correct caption worded differently from `avoid` (for a near-duplicate of another item)."""
     for attempt in range(100):
-        text, spec = make_caption(objects, np.random.default_rng([seed, TRAIN, index, 3, attempt]), partial_rate)
+        text, spec = gen.make_caption(objects, np.random.default_rng([seed, TRAIN, index, 3, attempt]), partial_rate)
         if text != avoid:
             break
     return text, spec
 
 
-def other_scene_caption(seed: int, index: int, objects, specs, captions) -> str:
+def other_scene_caption(gen, seed: int, index: int, objects, specs, captions) -> str:
     """The clean caption of some other item that does not fit this image."""
     rng = np.random.default_rng([seed, TRAIN, index, 6])
     for _ in range(1000):
         k = int(rng.integers(len(specs)))
-        if k != index and not describes(specs[k]["mentions"], objects):
+        if k != index and not gen.describes(specs[k]["mentions"], objects):
             break
     return captions[k]
 
 
 # ---------------------------------------------------------------- what the world supplies to the stages
-ZERO_SHOT = {  # the world's labels, prompted the way its captions speak
-    "colour": ("a photo of a {} thing.", "an image showing a {} object.", "a picture of something {}."),
-    "shape": ("a photo of a {}.", "an image showing a {}.", "a picture of a {}."),
-}
-
-
 def with_world_defaults(config: Config) -> Config:
     """The demo world supplies what the config leaves unset: the validation split, the evaluation data, its
     zero-shot tasks and DN's unlabeled samples, and the truth table; the stages never know it exists."""
@@ -315,8 +148,9 @@ def with_world_defaults(config: Config) -> Config:
         if config.world.n_val and not config.evaluate.dn_data:
             evaluate["dn_data"] = join(world, "val.tar")
         if not (config.evaluate.tasks or config.evaluate.classnames):
-            evaluate["tasks"] = {task: ZeroShotTask(label_field=f"zero_shot.{task}", classnames=list(VOCAB[task]),
-                                                    templates=list(templates)) for task, templates in ZERO_SHOT.items()}
+            gen = generator(config.world.kind)
+            evaluate["tasks"] = {task: ZeroShotTask(label_field=f"zero_shot.{task}", classnames=list(gen.VOCAB[task]),
+                                                    templates=list(templates)) for task, templates in gen.ZERO_SHOT.items()}
     if config.truth is None:
         update["truth"] = join(world, "truth.parquet")
     if train:
@@ -369,17 +203,15 @@ def build_world(cfg: WorldConfig, out_dir: str, seed: int) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(meta_path):  # the old world stops being complete as soon as we touch it
         os.remove(meta_path)
-    noise_counts, partial = build_train(cfg, out_dir, seed)
-    write_split(os.path.join(out_dir, "val.tar"), seed, VAL, cfg.n_val, cfg)
-    write_split(os.path.join(out_dir, "test.tar"), seed, TEST, cfg.n_test, cfg)
+    gen = generator(cfg.kind)
+    noise_counts, partial = build_train(gen, cfg, out_dir, seed)
+    write_split(gen, os.path.join(out_dir, "val.tar"), seed, VAL, cfg.n_val, cfg)
+    write_split(gen, os.path.join(out_dir, "test.tar"), seed, TEST, cfg.n_test, cfg)
     meta = {"format": WORLD_FORMAT, "config": cfg.model_dump(mode="json"), "seed": seed,
             "n_train": cfg.n_train, "n_val": cfg.n_val, "n_test": cfg.n_test,
             "noise_counts": noise_counts, "clean_near_duplicates": noise_counts["near_duplicate"],
-            "partial_train_captions": partial,
-            "vocab": {a: list(VOCAB[a]) for a in ATTRS}, "words": WORDS, "shape_adjectives": SHAPE_ADJECTIVES,
-            "nouns": list(NOUNS),
-            "templates": {"sentence": list(SENTENCE_TEMPLATES), "terse": list(TERSE_TEMPLATES),
-                          "position_frames": list(POSITION_FRAMES), "boilerplate": list(BOILERPLATE)}}
+            "partial_train_captions": partial, **gen.META,
+            "templates": {**gen.META["templates"], "boilerplate": list(BOILERPLATE)}}
     atomic_write(meta_path, json.dumps(meta, indent=2) + "\n")
     return summary(meta, out_dir)
 
@@ -396,13 +228,13 @@ def summary(meta: dict, out_dir: str) -> dict:
             "noise_counts": meta["noise_counts"], "dir": out_dir}
 
 
-def build_train(cfg: WorldConfig, out_dir: str, seed: int) -> tuple[dict, int]:
+def build_train(gen, cfg: WorldConfig, out_dir: str, seed: int) -> tuple[dict, int]:
     """images/ (written as we go), then the published captions with their noise, then truth.parquet."""
     kinds, dup_of, counts = pick_noise(cfg.n_train, cfg, seed)
     staging = os.path.join(out_dir, "images.partial")
-    objects, clean, specs = write_train_images(cfg, seed, dup_of, staging)
-    captions = add_caption_noise(seed, kinds, objects, clean, specs)
-    table = truth_table(captions, clean, kinds, dup_of, objects, specs)
+    objects, clean, specs = write_train_images(gen, cfg, seed, dup_of, staging)
+    captions = add_caption_noise(gen, seed, kinds, objects, clean, specs)
+    table = truth_table(gen, captions, clean, kinds, dup_of, objects, specs)
     images = os.path.join(out_dir, "images")
     shutil.rmtree(images, ignore_errors=True)
     os.replace(staging, images)
@@ -411,52 +243,52 @@ def build_train(cfg: WorldConfig, out_dir: str, seed: int) -> tuple[dict, int]:
     return {"clean": kinds.count("clean")} | counts, sum(s["partial"] for s in specs)
 
 
-def write_train_images(cfg: WorldConfig, seed: int, dup_of: list[int], staging: str) -> tuple[list, list, list]:
+def write_train_images(gen, cfg: WorldConfig, seed: int, dup_of: list[int], staging: str) -> tuple[list, list, list]:
     """Every train image into `staging`; returns each item's objects and correct caption (with its spec)."""
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     objects, captions, specs = [], [], []
     for i, j in enumerate(dup_of):
-        scene = make_scene(seed, TRAIN, j if j >= 0 else i)
-        image = render(scene, cfg.image_size)
+        scene = gen.make_scene(seed, TRAIN, j if j >= 0 else i, cfg)
+        image = gen.render(scene, cfg.image_size)
         if j >= 0:
             image = near_duplicate(image, np.random.default_rng([seed, TRAIN, i, 2]))
         with open(os.path.join(staging, f"{i:07d}.jpg"), "wb") as f:
             f.write(jpeg(image))
-        text, spec = make_caption(scene["objects"], np.random.default_rng([seed, TRAIN, i, 1]), cfg.partial_caption)
+        text, spec = gen.make_caption(scene["objects"], np.random.default_rng([seed, TRAIN, i, 1]), cfg.partial_caption)
         objects.append(scene["objects"])
         captions.append(text)
         specs.append(spec)
     for i, j in enumerate(dup_of):  # a near-duplicate's correct caption is worded unlike its original's
         if j >= 0 and captions[i] == captions[j]:
-            captions[i], specs[i] = fresh_caption(seed, i, objects[i], captions[j], cfg.partial_caption)
+            captions[i], specs[i] = fresh_caption(gen, seed, i, objects[i], captions[j], cfg.partial_caption)
     return objects, captions, specs
 
 
-def add_caption_noise(seed: int, kinds: list[str], objects: list, clean: list[str], specs: list[dict]) -> list[str]:
+def add_caption_noise(gen, seed: int, kinds: list[str], objects: list, clean: list[str], specs: list[dict]) -> list[str]:
     """The published captions. A wrong_attribute item whose caption cannot be made wrong gets a full one."""
     captions = list(clean)
     swapped = [i for i, kind in enumerate(kinds) if kind == "swapped_caption"]
-    for target, donor in derange(swapped, specs, objects, np.random.default_rng([seed, 102])).items():
+    for target, donor in derange(gen, swapped, specs, objects, np.random.default_rng([seed, 102])).items():
         captions[target] = clean[donor]
     for i, kind in enumerate(kinds):
         if kind == "wrong_attribute":
             rng = np.random.default_rng([seed, TRAIN, i, 5])
-            text = wrong_attribute(specs[i], objects[i], rng)
+            text = gen.wrong_attribute(specs[i], objects[i], rng)
             if text is None:  # e.g. "a small thing" beside two small things: describe everything instead
                 specs[i] = {**specs[i], "mentions": [dict(o) for o in objects[i]], "partial": False}
-                clean[i] = render_caption(specs[i])
-                text = wrong_attribute(specs[i], objects[i], rng)
+                clean[i] = gen.render_caption(specs[i])
+                text = gen.wrong_attribute(specs[i], objects[i], rng)
             captions[i] = text
         elif kind == "boilerplate":
             captions[i] = boilerplate(np.random.default_rng([seed, TRAIN, i, 4]))
         elif kind == "near_duplicate":
-            captions[i] = other_scene_caption(seed, i, objects[i], specs, clean)
+            captions[i] = other_scene_caption(gen, seed, i, objects[i], specs, clean)
     assert all(c and "\t" not in c and "\n" not in c for c in captions)
     return captions
 
 
-def truth_table(captions, clean, kinds, dup_of, objects, specs) -> pa.Table:
+def truth_table(gen, captions, clean, kinds, dup_of, objects, specs) -> pa.Table:
     first = [o[0] for o in objects]
     return pa.table({
         "row": pa.array(range(len(captions)), pa.int64()),
@@ -466,25 +298,25 @@ def truth_table(captions, clean, kinds, dup_of, objects, specs) -> pa.Table:
         "noise_type": kinds,
         "dup_of": pa.array(dup_of, pa.int64()),
         "n_objects": pa.array([len(o) for o in objects], pa.int8()),
-        **{a: [o[a] for o in first] for a in ATTRS},
+        **{a: [o[a] for o in first] for a in gen.VOCAB},
         "objects": [json.dumps(o) for o in objects],
         "partial": pa.array([s["partial"] for s in specs], pa.bool_()),  # of the clean caption
     })
 
 
-def write_split(path: str, seed: int, split: int, n: int, cfg: WorldConfig) -> None:
+def write_split(gen, path: str, seed: int, split: int, n: int, cfg: WorldConfig) -> None:
     """A clean split as one WebDataset tar: jpg, txt and json labels per sample."""
     import webdataset as wds  # here, not at the top: it imports torch (seconds, ~500 MB)
 
     with atomic_open(path) as f, wds.TarWriter(f, mtime=0) as sink:  # fixed mtime: same bytes every run
         for i in range(n):
-            scene = make_scene(seed, split, i)
+            scene = gen.make_scene(seed, split, i, cfg)
             objects = scene["objects"]
-            text, spec = make_caption(objects, np.random.default_rng([seed, split, i, 1]), cfg.partial_caption)
+            text, spec = gen.make_caption(objects, np.random.default_rng([seed, split, i, 1]), cfg.partial_caption)
             labels = {**objects[0], "objects": objects, "partial": spec["partial"]}
             if len(objects) == 1:  # zero-shot labels only where they are unambiguous
-                labels["zero_shot"] = {task: objects[0][task] for task in ZERO_SHOT}
-            sink.write({"__key__": f"{i:07d}", "jpg": jpeg(render(scene, cfg.image_size)), "txt": text,
+                labels["zero_shot"] = {task: objects[0][task] for task in gen.ZERO_SHOT}
+            sink.write({"__key__": f"{i:07d}", "jpg": jpeg(gen.render(scene, cfg.image_size)), "txt": text,
                         "json": labels})
 
 
@@ -520,16 +352,18 @@ def failing_rows(world_dir: str) -> int:
 def write_url_list(world_dir: str, base_url: str) -> tuple[str, str]:
     """urls.tsv (CC12M: url<TAB>caption) and urls.parquet: every train item, then the failing urls."""
     meta = read_meta(world_dir)
+    cfg = WorldConfig.model_validate(meta["config"])
+    gen = generator(cfg.kind)
     base = base_url.rstrip("/")
     truth = pq.read_table(os.path.join(world_dir, "truth.parquet"), columns=["image", "caption"]).to_pydict()
     urls = [f"{base}/images/{name}" for name in truth["image"]]
     captions = truth["caption"]
     for key, kind in FAILING_KINDS.items():
-        for k in range(meta["config"]["failing_urls"][key]):
+        for k in range(getattr(cfg.failing_urls, key)):
             row = len(urls)  # a plausible caption, from a scene of its own
-            objects = make_scene(meta["seed"], FAIL, row)["objects"]
+            objects = gen.make_scene(meta["seed"], FAIL, row, cfg)["objects"]
             rng = np.random.default_rng([meta["seed"], FAIL, row, 1])
-            captions.append(make_caption(objects, rng, meta["config"]["partial_caption"])[0])
+            captions.append(gen.make_caption(objects, rng, cfg.partial_caption)[0])
             urls.append(f"{base}/fail/{kind}/{k}.jpg")
     tsv, parquet = os.path.join(world_dir, "urls.tsv"), os.path.join(world_dir, "urls.parquet")
     atomic_write(tsv, "".join(f"{u}\t{c}\n" for u, c in zip(urls, captions)))

@@ -230,7 +230,7 @@ def test_cli_on_the_world_split_for_stock_and_oblique_checkpoints(setup):
         assert {"dot", "dn", "dn_std"} <= set(scores) and all(0 <= v <= 1 for v in scores["dot"].values())
     # The dot-product numbers worked by hand from open_clip's own encoders: retrieval on every pair, zero-shot on
     # the one-object images with the world's prompts (DN's means are seeded draws here; the labelled test checks DN).
-    from pipelines.world import VOCAB, ZERO_SHOT
+    from pipelines.worlds.shapes import VOCAB, ZERO_SHOT
 
     samples = list(wds.WebDataset(str(root / "world" / "test.tar"), shardshuffle=False))
     images = [Image.open(io.BytesIO(s["jpg"])).convert("RGB") for s in samples]
@@ -320,8 +320,8 @@ def test_cli_on_a_labelled_webdataset_and_an_image_folder(setup, tmp_path):
 def test_cli_on_shards_made_from_a_csv_with_a_numeric_label_column(setup, tmp_path):
     """A CSV's extra columns reach the json as strings: a label of digits is a class index, a label that is
     neither an index nor a class name is a one-line error."""
-    from pipelines.world import VOCAB
     from pipelines.world_server import serve_world
+    from pipelines.worlds.shapes import VOCAB
 
     colours = list(VOCAB["colour"])
     truth = pl.read_parquet(setup / "world" / "truth.parquet")
