@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipelines.cli import STAGES  # noqa: E402
 from pipelines.compare import detection, plot_curves, run_once, spread, summarize, table, versus  # noqa: E402
 from pipelines.config import Config, join, load_config  # noqa: E402
-from pipelines.io import finished_shards, read_json  # noqa: E402
+from pipelines.io import finished_shards, read_json, write_json  # noqa: E402
 from pipelines.score import run_score  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,7 +173,11 @@ def main() -> None:
     for seed in [] if args.tables_only else seeds:
         for world, config in worlds.items():
             for name, row in plans[world].items():
+                path = results_dir / world / f"{name}_s{seed}.json"
+                fresh = not path.exists()
                 run_once(config, name, row, seed, budget, str(results_dir / world))
+                if fresh:  # which code trained it: runs spread over sessions must not mix versions unseen
+                    write_json(str(path), {**json.loads(path.read_text()), "commit": commit()})
     by_world = {}
     for world, config in worlds.items():
         out = results_dir / world
@@ -195,6 +199,15 @@ def main() -> None:
     if tmp:
         print(f"smoke run: {tmp}")
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def commit() -> str:
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=ROOT).stdout.strip()
+    return (head or "unknown") + ("-dirty" if dirty else "")
 
 
 def detections(config: Config, trained: dict[str, Config]) -> str:
