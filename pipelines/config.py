@@ -28,6 +28,7 @@ class NoiseConfig(Strict):
     swapped_caption: float = Field(0.20, ge=0, le=1)
     wrong_attribute: float = Field(0.05, ge=0, le=1)
     boilerplate: float = Field(0.05, ge=0, le=1)
+    unrelated_caption: float = Field(0.0, ge=0, le=1)  # real CC3M alt-text, one unique caption per image
     near_duplicate: float = Field(0.02, ge=0, le=1)
 
 
