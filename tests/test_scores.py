@@ -12,6 +12,7 @@ from curate.scores import (
     auroc,
     clean_probability,
     cosine_score,
+    detection_report,
     fit_mixture,
     key_ranks,
     pair_loss,
@@ -111,6 +112,31 @@ def test_cosine_and_auroc():
     noisy = np.array([0, 0, 1, 1, 0, 1])
     assert auroc(noisy, [0.1, 0.2, 0.9, 0.8, 0.3, 0.7]) == 1.0
     assert auroc(noisy, [0.9, 0.8, 0.1, 0.2, 0.7, 0.3]) == 0.0
+
+
+def test_detection_by_noise_kind_on_a_constructed_table():
+    """Each kind against the clean pairs alone, counted by hand: AUROC = the share of (noisy, clean) pairs in which
+    the noisy one scores noisier."""
+    kinds = np.array(["clean", "clean", "clean", "clean", "swapped", "swapped", "unrelated", "unrelated"], dtype=object)
+    noisy = kinds != "clean"
+    loss = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 2.5, 0.5, 3.5])
+    clean_prob = np.array([0.9, 0.8, 0.4, 0.7, 0.1, 0.6, 0.3, 0.2])
+    report = detection_report(noisy, kinds, {"clean_prob": clean_prob, "loss": loss, "cosine": -loss, "dn_score": loss})
+    # loss: 5.0 beats all 4 clean, 2.5 beats 2 -> 6/8; 0.5 beats none, 3.5 beats 3 -> 3/8; all: 9/16
+    assert report["by_kind"]["swapped"]["auroc"]["loss"] == 6 / 8
+    assert report["by_kind"]["unrelated"]["auroc"]["loss"] == 3 / 8
+    assert report["auroc"]["loss"] == 9 / 16
+    assert report["by_kind"]["swapped"]["auroc"]["cosine"] == 6 / 8  # low cosine is noisy
+    assert report["by_kind"]["swapped"]["auroc"]["dn_score"] == 2 / 8  # here high: the wrong way round
+    # clean_prob: 0.1 is below all 4 clean, 0.6 below 3 -> 7/8; 0.3 and 0.2 are below all 4 -> 8/8
+    assert report["by_kind"]["swapped"]["auroc"]["clean_prob"] == 7 / 8
+    assert report["by_kind"]["unrelated"]["auroc"]["clean_prob"] == 1.0
+    assert report["by_kind"]["swapped"]["pairs"] == 2 and report["by_kind"]["swapped"]["flagged"] == 0.5
+    assert report["by_kind"]["unrelated"]["flagged"] == 1.0
+    assert report["clean_flagged"] == 0.25  # 0.4 of the four clean pairs
+    assert report["noise_rate"] == {"estimated": pytest.approx(1 - 4.0 / 8), "labelled": 0.5}
+    assert (report["pairs"], report["noisy"]) == (8, 4)
+    assert "by_kind" not in detection_report(noisy, None, {"clean_prob": clean_prob, "loss": loss})
 
 
 def jpeg(size, seed=0) -> bytes:
@@ -238,3 +264,37 @@ def test_the_teachers_learned_scale_is_exp_of_its_logit_scale():
     with torch.no_grad():
         model.logit_scale.fill_(math.log(20.0))
     assert logit_scale(model) == pytest.approx(20.0, rel=1e-6)
+
+
+def test_the_own_teachers_loss_epochs_follow_the_rule(tmp_path, capsys):
+    """best.pt first (the embeddings), then the epochs the rule adds to the loss average; best.pt alone without them."""
+    import json
+
+    from pipelines.config import load_config
+    from pipelines.score import own_teacher
+    from pipelines.train import resolve
+
+    folder = tmp_path / "runs" / "teacher" / "checkpoints"
+    folder.mkdir(parents=True)
+    for name in ("best.pt", *(f"epoch_{e:03d}.pt" for e in range(1, 7))):
+        (folder / name).write_bytes(b"")
+    (folder.parent / "_summary.json").write_text(json.dumps({"best_epoch": 4}))
+
+    def chosen(*overrides):
+        config = load_config(None, [f"root={tmp_path}", "train.name=teacher", *overrides])
+        paths, rule = own_teacher(config)
+        return [p.rsplit("/", 1)[1] for p in paths], rule
+
+    assert chosen() == (["best.pt", "epoch_001.pt", "epoch_002.pt", "epoch_003.pt"], "up_to_best")  # epochs 1-4
+    assert chosen("score.teacher_epochs=all") == (["best.pt", "epoch_001.pt", "epoch_002.pt", "epoch_003.pt",
+                                                   "epoch_005.pt", "epoch_006.pt"], "all")
+    assert chosen("score.teacher_epochs=best") == (["best.pt"], "best")
+    (folder.parent / "_summary.json").write_text(json.dumps({"best_epoch": 1}))
+    assert chosen() == (["best.pt"], "up_to_best")  # the best epoch is the first: nothing before it
+    (folder.parent / "_summary.json").write_text(json.dumps({"best_epoch": None}))  # a run with no validation split
+    assert chosen() == (["best.pt"], "best") and "best.pt alone" in capsys.readouterr().out
+    # the train stage keeps the epoch checkpoints exactly when this config's score stage will average them
+    settings = ["train.shards=x.tar", f"root={tmp_path}"]
+    assert resolve(load_config(None, settings)).train.epoch_checkpoints is True
+    for override in ("score.teacher_epochs=best", "score.checkpoints=[b.pt]", "train.epoch_checkpoints=false"):
+        assert resolve(load_config(None, [*settings, override])).train.epoch_checkpoints is False, override

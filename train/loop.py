@@ -79,7 +79,7 @@ def train(cfg) -> dict:
     if cfg.compile:
         ddp = torch.compile(ddp)
     schedule = cosine_lr(optimizer, cfg.lr, cfg.warmup_steps, run.total_steps)
-    best = {"val_recall": -1.0, "teacher_recall": -1.0, "epoch_end": 0}  # carried in the checkpoint so resume keeps the best
+    best = {"val_recall": -1.0, "teacher_recall": -1.0, "epoch_end": 0, "epoch": None}  # carried in the checkpoint so resume keeps the best
     step = load_state(f"{out}/checkpoints/latest.pt", model, optimizer, best) if cfg.resume else 0
     # killed between an epoch's last step and the end of its validation: that epoch's end is done again
     epoch_end_pending = bool(step) and at_epoch_end(run, step) and best["epoch_end"] != step
@@ -146,7 +146,7 @@ def train(cfg) -> dict:
     log.close()
     env.barrier()
     return {"steps": step, "steps_per_epoch": run.steps_per_epoch, "skipped_samples": skipped,
-            "best_val_recall": best["val_recall"], "final_checkpoint": f"{out}/checkpoints/final.pt", "last": log.last}
+            "best_val_recall": best["val_recall"], "best_epoch": best["epoch"], "final_checkpoint": f"{out}/checkpoints/final.pt", "last": log.last}
 
 
 def seed_of(cfg) -> int:
@@ -354,7 +354,7 @@ def validate(run: Run, log, step: int, best: dict, teacher) -> None:
     score = (recall["i2t_R@1"] + recall["t2i_R@1"]) / 2
     log.write({"step": step, "val_recall@1": score, **{f"val_{k}": v for k, v in recall.items()}}, every=1)
     if score > best["val_recall"]:
-        best["val_recall"] = score
+        best["val_recall"], best["epoch"] = score, math.ceil(step / run.steps_per_epoch)  # best.pt's epoch_NNN.pt
         export(model, run.cfg.model, f"{run.out}/checkpoints/best.pt")
     if teacher is not None and score > 1.1 * best["teacher_recall"]:  # MMCL: replace on a 10% gain
         teacher.load_state_dict(model.state_dict())
