@@ -232,7 +232,8 @@ def test_score_shard_columns_against_a_hand_computation(tmp_path):
 
     for i in range(n):
         if i == failed:
-            assert all(out[c][i] is None for c in ("cosine", "dn_score", "p_i2t", "p_t2i", "loss", "clean_prob"))
+            assert all(out[c][i] is None for c in ("cosine", "dn_score", "p_i2t", "p_t2i", "loss", "clean_prob",
+                                                   "loss_by_checkpoint"))
             continue
         skip = {j for j, k in enumerate(bank_keys) if k == keys[i]}
         losses, posteriors = [], []
@@ -253,6 +254,7 @@ def test_score_shard_columns_against_a_hand_computation(tmp_path):
                     "clean_prob": density[0] / (density[0] + density[1])}
         for name, value in expected.items():
             assert out[name][i] == pytest.approx(value, rel=2e-6, abs=1e-6), (name, i)
+        assert out["loss_by_checkpoint"][i] == pytest.approx(losses, rel=2e-6)  # each teacher's, in the listed order
 
 
 def test_the_teachers_learned_scale_is_exp_of_its_logit_scale():
