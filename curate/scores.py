@@ -94,6 +94,21 @@ def clean_probability(mixture: dict, losses: np.ndarray) -> np.ndarray:
     return np.interp(np.asarray(losses, dtype=np.float64), grid, curve)
 
 
+def estimated_noise(losses: np.ndarray, seed: int) -> float:
+    """1 - mean clean_prob: the share of pairs the two-Gaussian mixture on these losses calls noisy."""
+    return float(1 - clean_probability(fit_mixture(losses, seed), losses).mean())
+
+
+def early_learning_end(epochs: list[int], noise: list[float]) -> int:
+    """The epoch whose per-pair losses look noisiest (the first such): the end of early learning.
+
+    A CLIP trained on noisy pairs fits the clean ones first, then memorises the mismatched ones, which
+    then leave the mixture's high-loss component: the noise it finds rises while the clean pairs are
+    learned and falls once memorisation starts.
+    """
+    return min(epochs, key=lambda e: (-noise[epochs.index(e)], e))
+
+
 def temperature_noise_indicator(scale: float, positive_sim: np.ndarray, negative_sim: np.ndarray, batch: int) -> float:
     """eta_hat = (N-1) / ((N-1) + exp(s * Delta)), Delta = mean positive - mean negative similarity.
 

@@ -31,6 +31,8 @@ from curate.scores import (
     auroc,
     cosine_score,
     detection_report,
+    early_learning_end,
+    estimated_noise,
     fit_mixture,
     key_ranks,
     pair_loss,
@@ -105,33 +107,34 @@ def teacher_spec(config: Config) -> dict:
     from train.models import pick_device
 
     cfg = config.score
-    checkpoints, rule = (expand_globs(cfg.checkpoints, "score.checkpoints"), "given") if cfg.checkpoints else own_teacher(config)
+    checkpoints, rule, epochs = ((expand_globs(cfg.checkpoints, "score.checkpoints"), "given", None) if cfg.checkpoints
+                                 else own_teacher(config))
     for path in checkpoints:
         if looks_like_path(path) and not exists(path):
             hint = " (train the teacher first: the train stage writes it)" if not cfg.checkpoints else ""
             raise ConfigError(f"score: teacher checkpoint {path} not found{hint}")
-    return {"model": cfg.model or config.train.model, "checkpoints": checkpoints, "loss_rule": rule,
+    return {"model": cfg.model or config.train.model, "checkpoints": checkpoints, "loss_rule": rule, "epochs": epochs,
             "digests": [file_digest(c) if looks_like_path(c) else c for c in checkpoints],
             "sentence_teacher": cfg.sentence_teacher, "device": pick_device(cfg.device).type,
             "bf16": cfg.precision == "bf16" or (cfg.precision == "auto" and pick_device(cfg.device).type == "cuda")}
 
 
-def own_teacher(config: Config) -> tuple[list[str], str]:
+def own_teacher(config: Config) -> tuple[list[str], str, list[int] | None]:
     """The train stage's teacher: best.pt first (it gives the embeddings), then the epoch checkpoints that
-    `score.teacher_epochs` adds to the loss average (docs/METHODS.md section 3), and the rule that chose them."""
+    `score.teacher_epochs` may average the loss over (docs/METHODS.md section 3); the rule; each one's epoch."""
     folder = join(config.run_dir(), "checkpoints")
     best = join(folder, "best.pt")
     rule = config.score.teacher_epochs
     if rule == "best":
-        return [best], rule
+        return [best], rule, None
     kept = {int(m.group(1)): p for p in glob_any(join(folder, "epoch_*.pt")) if (m := re.search(r"epoch_(\d+)\.pt$", p))}
     best_epoch = (read_json(join(config.run_dir(), "_summary.json"), {}) or {}).get("best_epoch")
     if not kept or not best_epoch or best_epoch not in kept:
         print(f"score: the teacher run {config.run_dir()} kept no epoch checkpoints or recorded no best epoch; "
               f"scoring with best.pt alone (score.teacher_epochs={rule} needs train.epoch_checkpoints)")
-        return [best], "best"
-    last = best_epoch if rule == "up_to_best" else max(kept)
-    return [best] + [kept[e] for e in sorted(kept) if e <= last and e != best_epoch], rule
+        return [best], "best", None
+    epochs = [best_epoch] + [e for e in sorted(kept) if e <= (max(kept) if rule == "all" else best_epoch) and e != best_epoch]
+    return [best] + [kept[e] for e in epochs[1:]], rule, epochs
 
 
 def looks_like_path(checkpoint: str) -> bool:
@@ -215,7 +218,8 @@ def global_state(embed_paths: list[str], teacher: dict, cfg, seed: int) -> dict:
         losses.append(pair_loss(*pair_posterior(v, t, bank_v, bank_t, scale, self_in_bank)))
         checkpoints.append({"scale": scale, "mu_v": mu_v, "mu_t": mu_t, "bank_v": bank_v, "bank_t": bank_t})
     try:
-        mixture = fit_mixture(np.mean(losses, axis=0), seed)
+        averaged, noise_by_epoch = loss_span(teacher, losses, seed)
+        mixture = fit_mixture(np.mean([losses[j] for j in averaged], axis=0), seed)
     except ValueError as err:
         raise ConfigError(f"score: {err}; score more data or set score.mixture_samples higher") from None
     # The temperature indicator, from the first teacher: raw cosine of the DN sample's pairs vs the bank.
@@ -224,9 +228,21 @@ def global_state(embed_paths: list[str], teacher: dict, cfg, seed: int) -> dict:
     bank_t0 = normalise(column(samples["bank"], "text_emb_0"))
     not_self = np.asarray(dn["key"].to_pylist())[:, None] != np.asarray(bank_keys)[None, :]
     indicator = temperature_noise_indicator(scales[0], cosine_score(v0, t0), (v0 @ bank_t0.T)[not_self], len(bank_keys) + 1)
-    return {"checkpoints": checkpoints, "bank_keys": bank_keys, "mixture": mixture, "lambda": cfg.dn_lambda,
+    return {"checkpoints": checkpoints, "averaged": averaged, "noise_by_epoch": noise_by_epoch,
+            "bank_keys": bank_keys, "mixture": mixture, "lambda": cfg.dn_lambda,
             "n_scored": n_scored, "temperature_indicator": indicator, "k": cfg.neighbours,
             "sample_sizes": {name: len(samples[name]) for name in sizes}}
+
+
+def loss_span(teacher: dict, losses: list[np.ndarray], seed: int) -> tuple[list[int], dict | None]:
+    """Which checkpoints' losses are averaged: all, but for the early rule the epochs up to the end of early
+    learning (curate.scores.early_learning_end), found on the mixture sample; with the noise found at each epoch."""
+    if teacher["loss_rule"] != "early":
+        return list(range(len(losses))), None
+    epochs = teacher["epochs"]
+    noise = [estimated_noise(loss, seed) for loss in losses]
+    end = early_learning_end(epochs, noise)
+    return [j for j, e in enumerate(epochs) if e <= end], {e: round(n, 4) for e, n in sorted(zip(epochs, noise))}
 
 
 def neighbour_index(embed_paths: list[str], out: str, state: dict, cfg, seed: int) -> dict:
@@ -268,7 +284,8 @@ def summarize(config: Config, score_paths: list[str], state: dict, search: dict,
     pairs_per_s = len(table) / total if total else None
     summary = {
         "teacher": {"model": teacher["model"], "checkpoints": teacher["checkpoints"], "loss_rule": teacher["loss_rule"],
-                    "digests": teacher["digests"],
+                    "epochs": teacher["epochs"], "loss_averaged_over": [teacher["checkpoints"][j] for j in state["averaged"]],
+                    "noise_by_epoch": state["noise_by_epoch"], "digests": teacher["digests"],
                     "logit_scale": [c["scale"] for c in state["checkpoints"]], "tau_s": 1.0 / ck0["scale"],
                     "sentence_teacher": teacher["sentence_teacher"]},
         "counts": {"samples": len(table), "scored": int(ok.sum()), "failed": int((~ok).sum()),
@@ -316,8 +333,14 @@ def print_summary(summary: dict) -> None:
     print(f"\nscore summary: {c['samples']} samples = {c['scored']} scored + {c['failed']} failed")
     for reason, count in c["failed_by_reason"].items():
         print(f"  {count:>8}  {reason}")
-    print(f"  teacher {t['model']}: loss averaged over {len(t['checkpoints'])} checkpoint(s) ({t['loss_rule']}); embeddings, "
-          f"cosine and DN from {t['checkpoints'][0]}, logit scale {t['logit_scale'][0]:.2f} (tau_s {t['tau_s']:.4f})")
+    averaged = len(t["loss_averaged_over"])
+    if t["epochs"]:
+        averaged = "epochs " + ", ".join(str(t["epochs"][t["checkpoints"].index(c)]) for c in t["loss_averaged_over"])
+    print(f"  teacher {t['model']}: loss averaged over {averaged} ({t['loss_rule']}); embeddings, cosine and DN from "
+          f"{t['checkpoints'][0]}, logit scale {t['logit_scale'][0]:.2f} (tau_s {t['tau_s']:.4f})")
+    if t["noise_by_epoch"]:
+        print("  noise found by epoch (the early rule averages up to its peak): "
+              + ", ".join(f"{e}: {n:.3f}" for e, n in t["noise_by_epoch"].items()))
     print(f"  estimated noise rate {n['estimated_rate']:.3f} (mixture), temperature indicator "
           f"{n['temperature_indicator']:.3g} (relative)")
     if summary["detection"]:

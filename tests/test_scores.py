@@ -13,6 +13,8 @@ from curate.scores import (
     clean_probability,
     cosine_score,
     detection_report,
+    early_learning_end,
+    estimated_noise,
     fit_mixture,
     key_ranks,
     pair_loss,
@@ -139,6 +141,33 @@ def test_detection_by_noise_kind_on_a_constructed_table():
     assert "by_kind" not in detection_report(noisy, None, {"clean_prob": clean_prob, "loss": loss})
 
 
+def test_early_learning_ends_where_the_mixture_finds_the_most_noise():
+    epochs, noise = [4, 1, 2, 3], [0.45, 0.41, 0.53, 0.48]  # best.pt (epoch 4) listed first, as the score stage does
+    assert early_learning_end(epochs, noise) == 2
+    assert early_learning_end([3, 1, 2], [0.5, 0.5, 0.4]) == 1  # a tie: the earlier epoch
+    assert early_learning_end([1], [0.2]) == 1
+    rng = np.random.default_rng(0)  # a clear two-component loss finds about its noisy share
+    losses = np.concatenate([rng.normal(1.0, 0.2, 700), rng.normal(3.0, 0.3, 300)])
+    assert estimated_noise(losses, 0) == pytest.approx(0.3, abs=0.03)
+
+
+def test_the_loss_is_averaged_over_the_chosen_checkpoints_only():
+    """loss_span: every checkpoint, but under the early rule the epochs up to the noisiest one; their mean is the
+    loss the mixture is fitted on (global_state) and the one each score task writes (score_shard)."""
+    from pipelines.score import loss_span
+
+    rng = np.random.default_rng(1)
+    clean, noisy = rng.normal(1.0, 0.2, 700), rng.normal(3.0, 0.3, 300)
+    memorised = np.concatenate([clean, noisy - 1.5])  # the noisy pairs' loss drops into the clean one's range
+    learning = np.concatenate([clean, noisy])
+    half_learnt = np.concatenate([clean, noisy[:150], noisy[150:] - 2.0])
+    losses = [memorised, half_learnt, learning]  # best.pt (epoch 3), epochs 1, 2: noise found 0.26, 0.15, 0.30
+    averaged, noise = loss_span({"loss_rule": "early", "epochs": [3, 1, 2]}, losses, 0)
+    assert averaged == [1, 2] and max(noise, key=noise.get) == 2 and list(noise) == [1, 2, 3]
+    assert loss_span({"loss_rule": "up_to_best", "epochs": [3, 1, 2]}, losses, 0) == ([0, 1, 2], None)
+    assert loss_span({"loss_rule": "given", "epochs": None}, losses[:2], 0) == ([0, 1], None)
+
+
 def jpeg(size, seed=0) -> bytes:
     import io
 
@@ -222,9 +251,13 @@ def test_score_shard_columns_against_a_hand_computation(tmp_path):
                     "bank_v": rng.normal(size=(4, d)) * 0.5, "bank_t": rng.normal(size=(4, d)) * 0.5}
                    for scale in (14.0, 3.0)]  # two teachers with their own learned scales
     mixture = {"weights": [0.7, 0.3], "means": [1.0, 2.5], "variances": [0.4, 0.4]}  # equal variances: monotone
-    state = {"bank_keys": bank_keys, "lambda": lam, "checkpoints": checkpoints, "mixture": mixture, "k": 0}
+    state = {"bank_keys": bank_keys, "lambda": lam, "checkpoints": checkpoints, "mixture": mixture, "k": 0,
+             "averaged": [0, 1]}
     score_shard(str(tmp_path / "embed.parquet"), str(tmp_path / "scores.parquet"), state, {"method": "none"}, 1)
     out = pq.read_table(tmp_path / "scores.parquet").to_pydict()
+    score_shard(str(tmp_path / "embed.parquet"), str(tmp_path / "second.parquet"), {**state, "averaged": [1]},
+                {"method": "none"}, 1)
+    second_only = pq.read_table(tmp_path / "second.parquet").to_pydict()
     assert out["key"] == keys and out["status"][failed] == "failed"
 
     def unit(x):
@@ -255,6 +288,8 @@ def test_score_shard_columns_against_a_hand_computation(tmp_path):
         for name, value in expected.items():
             assert out[name][i] == pytest.approx(value, rel=2e-6, abs=1e-6), (name, i)
         assert out["loss_by_checkpoint"][i] == pytest.approx(losses, rel=2e-6)  # each teacher's, in the listed order
+        assert second_only["loss"][i] == pytest.approx(losses[1], rel=2e-6)  # averaged over the second alone
+        assert second_only["cosine"][i] == out["cosine"][i]  # the embeddings still come from the first
 
 
 def test_the_teachers_learned_scale_is_exp_of_its_logit_scale():
@@ -284,17 +319,18 @@ def test_the_own_teachers_loss_epochs_follow_the_rule(tmp_path, capsys):
 
     def chosen(*overrides):
         config = load_config(None, [f"root={tmp_path}", "train.name=teacher", *overrides])
-        paths, rule = own_teacher(config)
-        return [p.rsplit("/", 1)[1] for p in paths], rule
+        paths, rule, epochs = own_teacher(config)
+        return [p.rsplit("/", 1)[1] for p in paths], rule, epochs
 
-    assert chosen() == (["best.pt", "epoch_001.pt", "epoch_002.pt", "epoch_003.pt"], "up_to_best")  # epochs 1-4
-    assert chosen("score.teacher_epochs=all") == (["best.pt", "epoch_001.pt", "epoch_002.pt", "epoch_003.pt",
-                                                   "epoch_005.pt", "epoch_006.pt"], "all")
-    assert chosen("score.teacher_epochs=best") == (["best.pt"], "best")
+    up_to_4 = ["best.pt", "epoch_001.pt", "epoch_002.pt", "epoch_003.pt"]  # best.pt is epoch 4
+    assert chosen() == (up_to_4, "early", [4, 1, 2, 3])  # the early rule picks among these from their losses
+    assert chosen("score.teacher_epochs=up_to_best") == (up_to_4, "up_to_best", [4, 1, 2, 3])
+    assert chosen("score.teacher_epochs=all") == (up_to_4 + ["epoch_005.pt", "epoch_006.pt"], "all", [4, 1, 2, 3, 5, 6])
+    assert chosen("score.teacher_epochs=best") == (["best.pt"], "best", None)
     (folder.parent / "_summary.json").write_text(json.dumps({"best_epoch": 1}))
-    assert chosen() == (["best.pt"], "up_to_best")  # the best epoch is the first: nothing before it
+    assert chosen() == (["best.pt"], "early", [1])  # the best epoch is the first: nothing before it
     (folder.parent / "_summary.json").write_text(json.dumps({"best_epoch": None}))  # a run with no validation split
-    assert chosen() == (["best.pt"], "best") and "best.pt alone" in capsys.readouterr().out
+    assert chosen() == (["best.pt"], "best", None) and "best.pt alone" in capsys.readouterr().out
     # the train stage keeps the epoch checkpoints exactly when this config's score stage will average them
     settings = ["train.shards=x.tar", f"root={tmp_path}"]
     assert resolve(load_config(None, settings)).train.epoch_checkpoints is True
