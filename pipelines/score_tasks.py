@@ -211,7 +211,7 @@ def score_shard(embed_path: str, out: str, state: dict, search: dict, threads: i
         log_i2t, log_t2i = pair_posterior(v, t, ck["bank_v"], ck["bank_t"], ck["scale"], self_in_bank)
         logs.append((log_i2t, log_t2i))
         losses.append(pair_loss(log_i2t, log_t2i))
-    loss = np.mean(losses, axis=0)
+    loss = np.mean([losses[j] for j in state["averaged"]], axis=0)
     v0, t0 = normalise(column(good, "image_emb_0")), normalise(column(good, "text_emb_0"))
     ck0 = state["checkpoints"][0]
     fields = {

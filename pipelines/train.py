@@ -41,6 +41,8 @@ def resolve(config: Config) -> Config:
     """Fill the defaults that depend on other stages: shards, their scores, output, seed, SoftCLIP's teacher tau_s."""
     cfg = config.train
     update = {"seed": cfg.seed if cfg.seed is not None else config.seed, "output": config.run_dir()}
+    if cfg.epoch_checkpoints is None:  # this run is the teacher the score stage averages over its epochs
+        update["epoch_checkpoints"] = not config.score.checkpoints and config.score.teacher_epochs != "best"
     if not cfg.shards:
         try:
             update["shards"] = "::".join(finished_shards(config))

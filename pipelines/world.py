@@ -2,7 +2,8 @@
 
 A generator (`world.kind`, pipelines/worlds/) draws the scenes, renders them and captions them with
 several templates and synonyms, some only partly. The train split carries injected noise (swapped
-captions, one wrong attribute, web boilerplate, near-duplicate images with a wrong caption) and
+captions, one wrong attribute, web boilerplate, real web alt-text of unrelated images, near-duplicate
+images with a wrong caption) and
 `truth.parquet` records which rows are noisy and how, so noise detection and soft targets can be
 scored against ground truth. Val and test are clean WebDataset tars.
 
@@ -13,7 +14,11 @@ regenerated alone and the same seed and config give byte-identical files.
 from __future__ import annotations
 
 import contextlib
+import functools
+import gzip
+import importlib.resources
 import io
+import itertools
 import json
 import os
 import re
@@ -35,7 +40,9 @@ BOILERPLATE = ("click to enlarge", "image may contain: outdoor", "image may cont
                "stock photo", "thumbnail", "no description available", "untitled", "view full size",
                "royalty free stock image", "free download", "placeholder image", "add to cart",
                "IMG_{}.JPG", "DSC_{}.jpg", "photo {} of {}")
-NOISE_TYPES = ("swapped_caption", "wrong_attribute", "boilerplate", "near_duplicate")
+# near_duplicate last: pick_noise takes the clean duplicates' slots right after its noisy ones
+NOISE_TYPES = ("swapped_caption", "wrong_attribute", "boilerplate", "unrelated_caption", "near_duplicate")
+CC3M_CAPTIONS = "cc3m_captions.txt.gz"  # beside this file: captions only, distinct, from tests/data/cc3m
 SERVING_KEYS = ("dir", "host", "port", "timeout_delay")  # do not change the content
 
 
@@ -78,6 +85,9 @@ def pick_noise(n: int, cfg: WorldConfig, seed: int) -> tuple[list[str], list[int
     pool_size = n - sum(counts.values()) - counts["near_duplicate"]
     if pool_size < 0 or (counts["near_duplicate"] and pool_size < 1):
         raise ValueError(f"world.noise fractions {counts} leave no clean train items out of n_train={n}")
+    if counts["unrelated_caption"] and counts["unrelated_caption"] > len(cc3m_captions()):
+        raise ValueError(f"world.noise.unrelated_caption asks for {counts['unrelated_caption']} captions; "
+                         f"the shipped CC3M list has {len(cc3m_captions())}")
     kinds, dup_of, start = ["clean"] * n, [-1] * n, 0
     for kind in NOISE_TYPES:
         for i in order[start:start + counts[kind]]:
@@ -90,6 +100,26 @@ def pick_noise(n: int, cfg: WorldConfig, seed: int) -> tuple[list[str], list[int
         for i, j in zip(dups, originals):
             dup_of[i] = int(j)
     return kinds, dup_of, counts
+
+
+@functools.cache
+def cc3m_captions() -> tuple[str, ...]:
+    """The distinct captions of CC3M's validation list (Conceptual Captions, Google LLC), in file order."""
+    data = importlib.resources.files("pipelines").joinpath(CC3M_CAPTIONS).read_bytes()
+    return tuple(gzip.decompress(data).decode("utf-8").splitlines())
+
+
+def unrelated_captions(seed: int, targets: list[int], avoid: set[str]) -> dict[int, str]:
+    """target -> a real web caption written for some other image, each used once and unlike any other caption
+    of the world."""
+    if not targets:
+        return {}
+    pool = cc3m_captions()
+    order = (pool[k] for k in np.random.default_rng([seed, 103]).permutation(len(pool)))
+    chosen = list(itertools.islice((c for c in order if c not in avoid), len(targets)))
+    if len(chosen) < len(targets):
+        raise ValueError(f"world.noise.unrelated_caption: {len(targets)} captions asked, {len(chosen)} left in the CC3M list")
+    return dict(zip(targets, chosen))
 
 
 def derange(gen, targets: list[int], specs: list[dict], objects: list[list[dict]], rng) -> dict[int, int]:
@@ -284,6 +314,9 @@ def add_caption_noise(gen, seed: int, kinds: list[str], objects: list, clean: li
             captions[i] = boilerplate(np.random.default_rng([seed, TRAIN, i, 4]))
         elif kind == "near_duplicate":
             captions[i] = other_scene_caption(gen, seed, i, objects[i], specs, clean)
+    unrelated = [i for i, kind in enumerate(kinds) if kind == "unrelated_caption"]
+    for i, text in unrelated_captions(seed, unrelated, set(captions) | set(clean)).items():
+        captions[i] = text
     assert all(c and "\t" not in c and "\n" not in c for c in captions)
     return captions
 

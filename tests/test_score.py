@@ -41,7 +41,7 @@ def test_one_row_per_sample_with_the_documented_schema(scored):
     for shard in shards:
         name = shard.removesuffix(".tar")
         scores = pl.read_parquet(root / "scores" / f"{name}.parquet")
-        assert dict(scores.schema) == SCHEMA
+        assert dict(scores.schema) == SCHEMA | {"loss_by_checkpoint": pl.List(pl.Float32)}  # the default: several epochs
         in_shard = pl.read_parquet(root / "shards" / f"{name}.parquet").filter(pl.col("status") == "success")
         assert scores["key"].to_list() == sorted(in_shard["key"].to_list())  # every sample, sorted by key
         assert scores.join(in_shard, on="key")["row"].equals(scores.join(in_shard, on="key")["row_right"])
@@ -58,13 +58,23 @@ def test_one_row_per_sample_with_the_documented_schema(scored):
     assert 1 - mean == pytest.approx(summary["noise"]["estimated_rate"], rel=1e-5)
 
 
-def test_summary_carries_the_teachers_learned_temperature(scored):
+def test_the_default_teacher_is_best_pt_and_the_epochs_up_to_it(scored):
+    """score.teacher_epochs up_to_best: best.pt (embeddings, temperature), then epochs 1 .. best-1 (with best.pt's
+    weights, the loss is averaged over epochs 1 .. best)."""
     root, summary = scored
-    checkpoint = root / "runs" / "teacher" / "checkpoints" / "best.pt"
+    run = root / "runs" / "teacher"
+    best = json.loads((run / "_summary.json").read_text())["best_epoch"]
+    assert 1 < best <= EPOCHS  # the fixture's teacher gets better after its first epoch
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    recalls = [m["val_recall@1"] for m in metrics if "val_recall@1" in m]
+    assert recalls.index(max(recalls)) == best - 1  # the first epoch with the highest validation recall
+    checkpoint = run / "checkpoints" / "best.pt"
+    assert summary["teacher"]["loss_rule"] == "up_to_best"
+    assert summary["teacher"]["checkpoints"] == [str(checkpoint)] + [str(run / "checkpoints" / f"epoch_{e:03d}.pt")
+                                                                     for e in range(1, best)]
     model, _, _ = open_clip.create_model_and_transforms("softcurate-tiny", pretrained=str(checkpoint))
     scale = model.logit_scale.exp().item()
-    assert summary["teacher"]["checkpoints"] == [str(checkpoint)]
-    assert summary["teacher"]["logit_scale"] == [pytest.approx(scale)]
+    assert summary["teacher"]["logit_scale"][0] == pytest.approx(scale)
     assert summary["teacher"]["tau_s"] == pytest.approx(1 / scale)
     on_disk = json.loads((root / "scores" / "_summary.json").read_text())
     assert on_disk["mixture"]["means"][0] < on_disk["mixture"]["means"][1] and len(on_disk["dn"]["mu_v"]) == 64
@@ -74,7 +84,7 @@ def test_score_columns_recomputed_from_the_teacher_embeddings(scored):
     """The written scores against docs/METHODS.md sections 3-4 worked in numpy from what the run recorded: the
     teacher embeddings (float16, as stored), the DN means and lambda, the teacher's learned scale exp(logit_scale)
     read from its checkpoint, and the reference bank rebuilt from its seeded key sample."""
-    from curate.scores import key_ranks
+    from curate.scores import fit_mixture, key_ranks
     from pipelines.score import SAMPLE_SEEDS
 
     root, summary = scored
@@ -98,8 +108,12 @@ def test_score_columns_recomputed_from_the_teacher_embeddings(scored):
         for name, x, y, others in (("p_i2t", v[i], t[i], t[bank]), ("p_t2i", t[i], v[i], v[bank])):
             negatives = np.exp(s * others[bank != i] @ x).sum()  # the pair itself is not its own negative
             log_p[name].append(s * x @ y - np.log(np.exp(s * x @ y) + negatives))
-    loss = -(np.asarray(log_p["p_i2t"]) + np.asarray(log_p["p_t2i"])) / 2
+    loss = -(np.asarray(log_p["p_i2t"]) + np.asarray(log_p["p_t2i"])) / 2  # best.pt's; the others are averaged in
     got = scores[rows.tolist()]
+    by_checkpoint = np.asarray(got["loss_by_checkpoint"].to_list())
+    np.testing.assert_allclose(by_checkpoint[:, 0], loss, rtol=1e-5)
+    loss = by_checkpoint.mean(1)
+    assert by_checkpoint.shape[1] == len(summary["teacher"]["checkpoints"]) > 1
     np.testing.assert_allclose(got["cosine"], (image[rows] * text[rows]).sum(1), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got["dn_score"], (v[rows] * t[rows]).sum(1), rtol=1e-5, atol=1e-6)
     for name in log_p:
@@ -111,6 +125,9 @@ def test_score_columns_recomputed_from_the_teacher_embeddings(scored):
     between = (loss > mu[0]) & (loss < mu[1])
     assert between.mean() > 0.2
     np.testing.assert_allclose(got["clean_prob"].to_numpy()[between], (density[:, 0] / density.sum(1))[between], atol=1e-3)
+    # the mixture itself is fitted on the averaged loss of every pair (fewer pairs than score.mixture_samples)
+    refit = fit_mixture(scores["loss"].to_numpy().astype(np.float64), config.seed)
+    np.testing.assert_allclose(refit["means"], summary["mixture"]["means"], rtol=1e-3)
 
 
 def test_clean_prob_finds_the_injected_noise(scored):

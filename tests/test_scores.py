@@ -12,6 +12,9 @@ from curate.scores import (
     auroc,
     clean_probability,
     cosine_score,
+    detection_report,
+    early_learning_end,
+    estimated_noise,
     fit_mixture,
     key_ranks,
     pair_loss,
@@ -113,6 +116,58 @@ def test_cosine_and_auroc():
     assert auroc(noisy, [0.9, 0.8, 0.1, 0.2, 0.7, 0.3]) == 0.0
 
 
+def test_detection_by_noise_kind_on_a_constructed_table():
+    """Each kind against the clean pairs alone, counted by hand: AUROC = the share of (noisy, clean) pairs in which
+    the noisy one scores noisier."""
+    kinds = np.array(["clean", "clean", "clean", "clean", "swapped", "swapped", "unrelated", "unrelated"], dtype=object)
+    noisy = kinds != "clean"
+    loss = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 2.5, 0.5, 3.5])
+    clean_prob = np.array([0.9, 0.8, 0.4, 0.7, 0.1, 0.6, 0.3, 0.2])
+    report = detection_report(noisy, kinds, {"clean_prob": clean_prob, "loss": loss, "cosine": -loss, "dn_score": loss})
+    # loss: 5.0 beats all 4 clean, 2.5 beats 2 -> 6/8; 0.5 beats none, 3.5 beats 3 -> 3/8; all: 9/16
+    assert report["by_kind"]["swapped"]["auroc"]["loss"] == 6 / 8
+    assert report["by_kind"]["unrelated"]["auroc"]["loss"] == 3 / 8
+    assert report["auroc"]["loss"] == 9 / 16
+    assert report["by_kind"]["swapped"]["auroc"]["cosine"] == 6 / 8  # low cosine is noisy
+    assert report["by_kind"]["swapped"]["auroc"]["dn_score"] == 2 / 8  # here high: the wrong way round
+    # clean_prob: 0.1 is below all 4 clean, 0.6 below 3 -> 7/8; 0.3 and 0.2 are below all 4 -> 8/8
+    assert report["by_kind"]["swapped"]["auroc"]["clean_prob"] == 7 / 8
+    assert report["by_kind"]["unrelated"]["auroc"]["clean_prob"] == 1.0
+    assert report["by_kind"]["swapped"]["pairs"] == 2 and report["by_kind"]["swapped"]["flagged"] == 0.5
+    assert report["by_kind"]["unrelated"]["flagged"] == 1.0
+    assert report["clean_flagged"] == 0.25  # 0.4 of the four clean pairs
+    assert report["noise_rate"] == {"estimated": pytest.approx(1 - 4.0 / 8), "labelled": 0.5}
+    assert (report["pairs"], report["noisy"]) == (8, 4)
+    assert "by_kind" not in detection_report(noisy, None, {"clean_prob": clean_prob, "loss": loss})
+
+
+def test_early_learning_ends_where_the_mixture_finds_the_most_noise():
+    epochs, noise = [4, 1, 2, 3], [0.45, 0.41, 0.53, 0.48]  # best.pt (epoch 4) listed first, as the score stage does
+    assert early_learning_end(epochs, noise) == 2
+    assert early_learning_end([3, 1, 2], [0.5, 0.5, 0.4]) == 1  # a tie: the earlier epoch
+    assert early_learning_end([1], [0.2]) == 1
+    rng = np.random.default_rng(0)  # a clear two-component loss finds about its noisy share
+    losses = np.concatenate([rng.normal(1.0, 0.2, 700), rng.normal(3.0, 0.3, 300)])
+    assert estimated_noise(losses, 0) == pytest.approx(0.3, abs=0.03)
+
+
+def test_the_loss_is_averaged_over_the_chosen_checkpoints_only():
+    """loss_span: every checkpoint, but under the early rule the epochs up to the noisiest one; their mean is the
+    loss the mixture is fitted on (global_state) and the one each score task writes (score_shard)."""
+    from pipelines.score import loss_span
+
+    rng = np.random.default_rng(1)
+    clean, noisy = rng.normal(1.0, 0.2, 700), rng.normal(3.0, 0.3, 300)
+    memorised = np.concatenate([clean, noisy - 1.5])  # the noisy pairs' loss drops into the clean one's range
+    learning = np.concatenate([clean, noisy])
+    half_learnt = np.concatenate([clean, noisy[:150], noisy[150:] - 2.0])
+    losses = [memorised, half_learnt, learning]  # best.pt (epoch 3), epochs 1, 2: noise found 0.26, 0.15, 0.30
+    averaged, noise = loss_span({"loss_rule": "early", "epochs": [3, 1, 2]}, losses, 0)
+    assert averaged == [1, 2] and max(noise, key=noise.get) == 2 and list(noise) == [1, 2, 3]
+    assert loss_span({"loss_rule": "up_to_best", "epochs": [3, 1, 2]}, losses, 0) == ([0, 1, 2], None)
+    assert loss_span({"loss_rule": "given", "epochs": None}, losses[:2], 0) == ([0, 1], None)
+
+
 def jpeg(size, seed=0) -> bytes:
     import io
 
@@ -196,9 +251,13 @@ def test_score_shard_columns_against_a_hand_computation(tmp_path):
                     "bank_v": rng.normal(size=(4, d)) * 0.5, "bank_t": rng.normal(size=(4, d)) * 0.5}
                    for scale in (14.0, 3.0)]  # two teachers with their own learned scales
     mixture = {"weights": [0.7, 0.3], "means": [1.0, 2.5], "variances": [0.4, 0.4]}  # equal variances: monotone
-    state = {"bank_keys": bank_keys, "lambda": lam, "checkpoints": checkpoints, "mixture": mixture, "k": 0}
+    state = {"bank_keys": bank_keys, "lambda": lam, "checkpoints": checkpoints, "mixture": mixture, "k": 0,
+             "averaged": [0, 1]}
     score_shard(str(tmp_path / "embed.parquet"), str(tmp_path / "scores.parquet"), state, {"method": "none"}, 1)
     out = pq.read_table(tmp_path / "scores.parquet").to_pydict()
+    score_shard(str(tmp_path / "embed.parquet"), str(tmp_path / "second.parquet"), {**state, "averaged": [1]},
+                {"method": "none"}, 1)
+    second_only = pq.read_table(tmp_path / "second.parquet").to_pydict()
     assert out["key"] == keys and out["status"][failed] == "failed"
 
     def unit(x):
@@ -206,7 +265,8 @@ def test_score_shard_columns_against_a_hand_computation(tmp_path):
 
     for i in range(n):
         if i == failed:
-            assert all(out[c][i] is None for c in ("cosine", "dn_score", "p_i2t", "p_t2i", "loss", "clean_prob"))
+            assert all(out[c][i] is None for c in ("cosine", "dn_score", "p_i2t", "p_t2i", "loss", "clean_prob",
+                                                   "loss_by_checkpoint"))
             continue
         skip = {j for j, k in enumerate(bank_keys) if k == keys[i]}
         losses, posteriors = [], []
@@ -227,6 +287,9 @@ def test_score_shard_columns_against_a_hand_computation(tmp_path):
                     "clean_prob": density[0] / (density[0] + density[1])}
         for name, value in expected.items():
             assert out[name][i] == pytest.approx(value, rel=2e-6, abs=1e-6), (name, i)
+        assert out["loss_by_checkpoint"][i] == pytest.approx(losses, rel=2e-6)  # each teacher's, in the listed order
+        assert second_only["loss"][i] == pytest.approx(losses[1], rel=2e-6)  # averaged over the second alone
+        assert second_only["cosine"][i] == out["cosine"][i]  # the embeddings still come from the first
 
 
 def test_the_teachers_learned_scale_is_exp_of_its_logit_scale():
@@ -238,3 +301,38 @@ def test_the_teachers_learned_scale_is_exp_of_its_logit_scale():
     with torch.no_grad():
         model.logit_scale.fill_(math.log(20.0))
     assert logit_scale(model) == pytest.approx(20.0, rel=1e-6)
+
+
+def test_the_own_teachers_loss_epochs_follow_the_rule(tmp_path, capsys):
+    """best.pt first (the embeddings), then the epochs the rule adds to the loss average; best.pt alone without them."""
+    import json
+
+    from pipelines.config import load_config
+    from pipelines.score import own_teacher
+    from pipelines.train import resolve
+
+    folder = tmp_path / "runs" / "teacher" / "checkpoints"
+    folder.mkdir(parents=True)
+    for name in ("best.pt", *(f"epoch_{e:03d}.pt" for e in range(1, 7))):
+        (folder / name).write_bytes(b"")
+    (folder.parent / "_summary.json").write_text(json.dumps({"best_epoch": 4}))
+
+    def chosen(*overrides):
+        config = load_config(None, [f"root={tmp_path}", "train.name=teacher", *overrides])
+        paths, rule, epochs = own_teacher(config)
+        return [p.rsplit("/", 1)[1] for p in paths], rule, epochs
+
+    up_to_4 = ["best.pt", "epoch_001.pt", "epoch_002.pt", "epoch_003.pt"]  # best.pt is epoch 4
+    assert chosen() == (up_to_4, "early", [4, 1, 2, 3])  # the early rule picks among these from their losses
+    assert chosen("score.teacher_epochs=up_to_best") == (up_to_4, "up_to_best", [4, 1, 2, 3])
+    assert chosen("score.teacher_epochs=all") == (up_to_4 + ["epoch_005.pt", "epoch_006.pt"], "all", [4, 1, 2, 3, 5, 6])
+    assert chosen("score.teacher_epochs=best") == (["best.pt"], "best", None)
+    (folder.parent / "_summary.json").write_text(json.dumps({"best_epoch": 1}))
+    assert chosen() == (["best.pt"], "early", [1])  # the best epoch is the first: nothing before it
+    (folder.parent / "_summary.json").write_text(json.dumps({"best_epoch": None}))  # a run with no validation split
+    assert chosen() == (["best.pt"], "best", None) and "best.pt alone" in capsys.readouterr().out
+    # the train stage keeps the epoch checkpoints exactly when this config's score stage will average them
+    settings = ["train.shards=x.tar", f"root={tmp_path}"]
+    assert resolve(load_config(None, settings)).train.epoch_checkpoints is True
+    for override in ("score.teacher_epochs=best", "score.checkpoints=[b.pt]", "train.epoch_checkpoints=false"):
+        assert resolve(load_config(None, [*settings, override])).train.epoch_checkpoints is False, override

@@ -30,7 +30,7 @@ from pipelines.world_server import serve_world
 from pipelines.worlds import patterns, shapes
 
 SEED = 7
-CFG = WorldConfig(n_train=300, n_val=20, n_test=20)
+CFG = WorldConfig(n_train=300, n_val=20, n_test=20, noise={"unrelated_caption": 0.05})
 ATTRIBUTE_WORDS = {w for words in shapes.WORDS.values() for options in words.values() for w in options} \
     | set(shapes.SHAPE_ADJECTIVES.values())
 
@@ -248,6 +248,27 @@ def test_boilerplate_captions_come_from_the_list(truth):
     assert not any(pattern.fullmatch(c) for c in truth.filter(~pl.col("noisy"))["caption"])
 
 
+def test_unrelated_captions_are_real_cc3m_captions_each_used_once(truth, cc3m_tsv):
+    listed = [line.split("\t")[0].strip() for line in cc3m_tsv.read_text(encoding="utf-8").splitlines()]
+    assert list(world.cc3m_captions()) == list(dict.fromkeys(listed))  # the shipped file: the list's distinct captions
+    unrelated = truth.filter(pl.col("noise_type") == "unrelated_caption")
+    assert unrelated.height == round(CFG.noise.unrelated_caption * CFG.n_train) > 0
+    assert set(unrelated["caption"]) <= set(listed)
+    assert unrelated["caption"].n_unique() == unrelated.height  # no caption reused
+    others = set(truth.filter(pl.col("noise_type") != "unrelated_caption")["caption"]) | set(truth["clean_caption"])
+    assert not others & set(unrelated["caption"])
+
+
+def test_unrelated_captions_are_seeded():
+    targets, avoid = [3, 9, 11], set(world.cc3m_captions()[:5000])
+    first = world.unrelated_captions(0, targets, avoid)
+    assert first == world.unrelated_captions(0, targets, avoid) != world.unrelated_captions(1, targets, avoid)
+    assert sorted(first) == targets and not set(first.values()) & avoid
+    noise = {"swapped_caption": 0, "wrong_attribute": 0, "boilerplate": 0, "near_duplicate": 0, "unrelated_caption": 1}
+    with pytest.raises(ValueError, match="CC3M list has 15543"):
+        world.pick_noise(16_000, WorldConfig(noise=noise), 0)
+
+
 def test_near_duplicates_are_close_to_their_original_only(world_dir, truth):
     rng = np.random.default_rng(0)
     dups = truth.filter(pl.col("dup_of") >= 0)
@@ -406,7 +427,8 @@ def test_server_stalls_until_the_delay_then_fails(world_dir):
 
 
 # ---------------------------------------------------------------- the patterns world and the world knobs
-PATTERNS_CFG = WorldConfig(kind="patterns", n_train=200, n_val=30, n_test=30, image_size=32)
+PATTERNS_CFG = WorldConfig(kind="patterns", n_train=200, n_val=30, n_test=30, image_size=32,
+                           noise={"unrelated_caption": 0.05})
 PATTERN_WORDS = {w: (attr, value) for attr, words in patterns.WORDS.items() for value, options in words.items()
                  for w in options} | {w: ("pattern", value) for value, options in patterns.PATTERN_NOUNS.items()
                                        for w in options}

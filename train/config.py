@@ -75,7 +75,9 @@ class TrainConfig(Strict):
     threads: Optional[int] = option(None, "torch CPU threads per process (unset: torch's default)", ge=1)
     device: str = option("auto", "auto: cuda when available, else cpu")
     nproc: int = option(1, "processes under torchrun (one per GPU; gloo on CPU)", ge=1)
-    epoch_checkpoints: bool = option(False, "also keep checkpoints/epoch_NNN.pt at each epoch's end (teacher dynamics)")
+    epoch_checkpoints: Optional[bool] = option(
+        None, "also keep checkpoints/epoch_NNN.pt at each epoch's end (teacher dynamics); unset: in a pipeline, kept when "
+              "the score stage will average its teacher's epochs (score.checkpoints unset, teacher_epochs not best)")
     checkpoint_every: int = option(100, "save a resumable checkpoint every this many steps", ge=1)
     log_every: int = option(10, "write metrics every this many steps", ge=1)
     resume: bool = option(True, "continue from the run folder's latest checkpoint")

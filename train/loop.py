@@ -88,7 +88,7 @@ def train(cfg) -> dict:
     def schedule(step: int) -> float:
         return paired_lr(step) if step < run.paired_steps else unpaired_lr(step - run.paired_steps)
 
-    best = {"val_recall": -1.0, "teacher_recall": -1.0, "epoch_end": 0}  # carried in the checkpoint so resume keeps the best
+    best = {"val_recall": -1.0, "teacher_recall": -1.0, "epoch_end": 0, "epoch": None}  # carried in the checkpoint so resume keeps the best
     uses_teacher = bool(run.pools) and cfg.unpaired.pairing == "teacher"
     # joint: the teacher is the (pretrained, setup checks) model at step 0; sequential: made when stage 2 begins
     teacher = frozen_copy(model) if uses_teacher and cfg.unpaired.schedule == "joint" else None
@@ -168,7 +168,7 @@ def train(cfg) -> dict:
     log.close()
     env.barrier()
     return {"steps": step, "steps_per_epoch": run.steps_per_epoch, "skipped_samples": skipped,
-            "best_val_recall": best["val_recall"], "final_checkpoint": f"{out}/checkpoints/final.pt", "last": log.last}
+            "best_val_recall": best["val_recall"], "best_epoch": best["epoch"], "final_checkpoint": f"{out}/checkpoints/final.pt", "last": log.last}
 
 
 def seed_of(cfg) -> int:
@@ -407,7 +407,7 @@ def validate(run: Run, log, step: int, best: dict, teacher) -> None:
     if env.is_main:
         score = val_recall(run, model, log, step)
         if score > best["val_recall"]:
-            best["val_recall"] = score
+            best["val_recall"], best["epoch"] = score, math.ceil(step / run.steps_per_epoch)  # best.pt's epoch_NNN.pt
             export(model, run.cfg.model, f"{run.out}/checkpoints/best.pt")
         if teacher is not None:
             if best["teacher_recall"] < 0:  # a new teacher: its own recall, measured once
