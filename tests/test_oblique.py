@@ -163,15 +163,15 @@ def test_gradients_reach_new_tokens_and_training_reduces_loss():
 
 
 def test_resnet_k16_queries_share_the_stock_keys_and_train():
-    """ModifiedResNet: K queries (the spatial mean at row 0 and at K-1 new positional rows) over the stock
+    """ModifiedResNet: K queries (stock's, the spatial mean at row 0, and K-1 learned ones) over the stock
     keys, through one c_proj narrowed to D/K."""
     model, _ = tiny(name=RN)
     stock = copy.deepcopy(model)
     make_oblique(model, 16)
     pool = model.visual.attnpool
-    assert pool.extra_positional_embedding.shape == (15, 512) and pool.c_proj.weight.shape == (4, 512)
+    assert pool.extra_query_embedding.shape == (15, 512) and pool.c_proj.weight.shape == (4, 512)
     assert model.visual.output_dim == 4
-    assert {"visual.attnpool.extra_positional_embedding", "text_extra_class_embedding"} <= model.no_weight_decay()
+    assert {"visual.attnpool.extra_query_embedding", "text_extra_class_embedding"} <= model.no_weight_decay()
     image, text = images(5), random_tokens(5)
     with torch.no_grad():
         img, txt, _ = model(image, text)
@@ -180,9 +180,9 @@ def test_resnet_k16_queries_share_the_stock_keys_and_train():
     torch.testing.assert_close(img.norm(dim=-1), torch.ones(5, 16))
     # The new queries are not keys: token 0 is stock's pooled feature through c_proj's first D/K columns.
     torch.testing.assert_close(raw[:, 0], want[:, :4], atol=1e-6, rtol=1e-5)
-    # ...and each new row is a query of its own: moving row j moves token j + 1 only.
+    # ...and each new query is one of its own: moving query j moves token j + 1 only.
     with torch.no_grad():
-        pool.extra_positional_embedding[3] += 1.0
+        pool.extra_query_embedding[3] += 1.0
         moved = model.encode_image(image)
     changed = (moved - raw).abs().amax(dim=(0, 2)) > 1e-6
     assert changed.tolist() == [i == 4 for i in range(16)], changed
@@ -195,7 +195,7 @@ def test_resnet_k16_queries_share_the_stock_keys_and_train():
         optimizer.zero_grad()
         loss = loss_fn(*model(image, text)[:2], 1.0)["loss"]
         loss.backward()
-        grad = pool.extra_positional_embedding.grad
+        grad = pool.extra_query_embedding.grad
         assert (grad.abs().sum(-1) > 0).all(), "every new query row must get a gradient"
         optimizer.step()
         losses.append(loss.item())
