@@ -186,6 +186,13 @@ def test_resnet_k16_queries_share_the_stock_keys_and_train():
         moved = model.encode_image(image)
     changed = (moved - raw).abs().amax(dim=(0, 2)) > 1e-6
     assert changed.tolist() == [i == 4 for i in range(16)], changed
+    # With attention as sharp as after training (here: features scaled up), the learned queries attend
+    # apart and the tokens differ; queries that carried the image's mean would attend alike (cosine ~1).
+    features = 300 * torch.randn(5, 512, 2, 2, generator=torch.Generator().manual_seed(0)) / 512 ** 0.5
+    with torch.no_grad():
+        pooled = F.normalize(pool(features), dim=-1)
+    cosine = (pooled @ pooled.transpose(1, 2))[:, ~torch.eye(16, dtype=torch.bool)].mean()
+    assert cosine < 0.9, cosine
 
     model.train()
     loss_fn = ObliqueLoss()
