@@ -118,8 +118,8 @@ class ObliqueAttentionPool2d(AttentionPool2d):
     Query 0 is stock: the spatial mean at positional row 0. Queries 1..K-1 are learned vectors, like
     the ViT's extra class tokens (a token at a fixed position is token + position in one vector).
     They do not add the mean: it grows with the features (norm ~14 against a query's ~1 after 150
-    steps on the demo world) and queries that share it attend alike, so the K tokens came out as
-    copies (token-to-token cosine 1.000 against 0.958 for learned queries, the ViT's being 0.967).
+    steps on the demo world), and queries that share it attend alike: the K tokens are then copies
+    (token-to-token cosine 1.000 there, against 0.958 with learned queries and 0.967 for the ViT).
     Keys and values are stock (the mean token and the spatial tokens); the queries are not keys, so
     token 0 is stock open_clip's through the first D/K columns of `c_proj`. Set by `make_oblique`
     through a class swap; adds `extra_query_embedding` (K-1, width) and the attribute `oblique_k`.
