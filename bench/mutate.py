@@ -201,6 +201,16 @@ MUTATIONS = [
     Mutation("oblique-similarity-across-tokens", "train/oblique.py",
              'return torch.einsum("nkd,mkd->nm", u, v)', 'return torch.einsum("nkd,mjd->nm", u, v)',
              ("tests/test_oblique.py::test_k4_shapes_norms_and_similarity",)),
+    Mutation("oblique-rn-queries-carry-the-mean", "train/oblique.py",
+             "extra = self.q_proj(self.extra_query_embedding.to(x.dtype))[:, None, :].expand(-1, n, -1)",
+             "extra = self.q_proj(x[:1] - self.positional_embedding[:1, None, :].to(x.dtype)"
+             " + self.extra_query_embedding[:, None, :].to(x.dtype))",
+             ("tests/test_oblique.py::test_resnet_k16_queries_share_the_stock_keys_and_train",)),
+    Mutation("oblique-rn-queries-are-keys", "train/oblique.py",
+             "heads(self.k_proj(x)), heads(self.v_proj(x))",
+             "*(heads(proj(torch.cat([x, self.extra_query_embedding[:, None, :].expand(-1, n, -1)])))"
+             " for proj in (self.k_proj, self.v_proj))",
+             ("tests/test_oblique.py::test_resnet_k16_queries_share_the_stock_keys_and_train",)),
     # ---- MMCL's teacher across a resume, SoftCLIP's self-target temperature (train/loop.py, pipelines/train.py)
     Mutation("mmcl-teacher-not-in-checkpoint", "train/loop.py",
              'state["teacher"] = teacher.state_dict()', 'state["teacher_weights"] = teacher.state_dict()',

@@ -5,16 +5,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from train.losses import ObliqueLoss
 from train.models import create_model, save_checkpoint
 from train.oblique import _to_oblique, load_oblique, make_oblique, oblique_similarity, save_oblique
 
 NAME = "softcurate-tiny"  # embed_dim 64, ViT 64px patch 8 (64 patches), text context 32
+RN = "softcurate-rn-tiny"  # embed_dim 64, ModifiedResNet 64px (a 2x2 grid into its attention pool), the same text tower
 SOT, EOT = 49406, 49407
 
 
-def tiny(seed: int = 0):
+def tiny(seed: int = 0, name: str = NAME):
     torch.manual_seed(seed)
-    model, _, _, tokenizer = create_model(NAME)
+    model, _, _, tokenizer = create_model(name)
     return model.eval(), tokenizer
 
 
@@ -33,8 +35,9 @@ def images(n: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
 
 
-def test_k1_is_stock_open_clip():
-    stock, tokenizer = tiny()
+@pytest.mark.parametrize("name", [NAME, RN])
+def test_k1_is_stock_open_clip(name):
+    stock, tokenizer = tiny(name=name)
     reference = copy.deepcopy(stock)
     text = torch.cat([random_tokens(4), tokenizer(["a red circle on the left", "click to enlarge"])])
     with torch.no_grad():
@@ -159,14 +162,62 @@ def test_gradients_reach_new_tokens_and_training_reduces_loss():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_checkpoint_round_trip_and_clear_errors(tmp_path):
-    model, tokenizer = tiny()
+def test_resnet_k16_queries_share_the_stock_keys_and_train():
+    """ModifiedResNet: K queries (stock's, the spatial mean at row 0, and K-1 learned ones) over the stock
+    keys, through one c_proj narrowed to D/K."""
+    model, _ = tiny(name=RN)
+    stock = copy.deepcopy(model)
+    make_oblique(model, 16)
+    pool = model.visual.attnpool
+    assert pool.extra_query_embedding.shape == (15, 512) and pool.c_proj.weight.shape == (4, 512)
+    assert model.visual.output_dim == 4
+    assert {"visual.attnpool.extra_query_embedding", "text_extra_class_embedding"} <= model.no_weight_decay()
+    image, text = images(5), random_tokens(5)
+    with torch.no_grad():
+        img, txt, _ = model(image, text)
+        raw, want = model.encode_image(image), stock.encode_image(image)
+    assert img.shape == (5, 16, 4) and txt.shape == (5, 16, 4)
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(5, 16))
+    # The new queries are not keys: token 0 is stock's pooled feature through c_proj's first D/K columns.
+    torch.testing.assert_close(raw[:, 0], want[:, :4], atol=1e-6, rtol=1e-5)
+    # ...and each new query is one of its own: moving query j moves token j + 1 only.
+    with torch.no_grad():
+        pool.extra_query_embedding[3] += 1.0
+        moved = model.encode_image(image)
+    changed = (moved - raw).abs().amax(dim=(0, 2)) > 1e-6
+    assert changed.tolist() == [i == 4 for i in range(16)], changed
+    # With attention as sharp as after training (here: features scaled up), the learned queries attend
+    # apart and the tokens differ; queries that carried the image's mean would attend alike (cosine ~1).
+    features = 300 * torch.randn(5, 512, 2, 2, generator=torch.Generator().manual_seed(0)) / 512 ** 0.5
+    with torch.no_grad():
+        pooled = F.normalize(pool(features), dim=-1)
+    cosine = (pooled @ pooled.transpose(1, 2))[:, ~torch.eye(16, dtype=torch.bool)].mean()
+    assert cosine < 0.9, cosine
+
+    model.train()
+    loss_fn = ObliqueLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    image, text, losses = images(8), random_tokens(8), []
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = loss_fn(*model(image, text)[:2], 1.0)["loss"]
+        loss.backward()
+        grad = pool.extra_query_embedding.grad
+        assert (grad.abs().sum(-1) > 0).all(), "every new query row must get a gradient"
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("name", [NAME, RN])
+def test_checkpoint_round_trip_and_clear_errors(tmp_path, name):
+    model, tokenizer = tiny(name=name)
     make_oblique(model, 4)
     path = tmp_path / "runs" / "oblique.pt"
-    save_oblique(model, path, model_name=NAME)
+    save_oblique(model, path, model_name=name)
     assert not path.with_suffix(".pt.tmp").exists()
 
-    again, _, preprocess, tokenizer2 = load_oblique(NAME, path, 4)
+    again, _, preprocess, tokenizer2 = load_oblique(name, path, 4)
     assert again.oblique_k == 4 and tokenizer2(["x"]).shape == (1, 32) and callable(preprocess)
     image, text = images(3), tokenizer(["a red circle", "a blue square", "click to enlarge"])
     with torch.no_grad():
@@ -174,32 +225,33 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
             torch.testing.assert_close(a, b)
 
     with pytest.raises(ValueError, match="checkpoint has K=4, asked for K=2"):
-        load_oblique(NAME, path, 2)
+        load_oblique(name, path, 2)
     with pytest.raises(ValueError, match="checkpoint has K=4, asked for K=1"):
-        load_oblique(NAME, path, 1)
-    with pytest.raises(ValueError, match="is a 'softcurate-tiny' model, asked for 'ViT-B-32'"):
+        load_oblique(name, path, 1)
+    with pytest.raises(ValueError, match=f"is a '{name}' model, asked for 'ViT-B-32'"):
         load_oblique("ViT-B-32", path, 4)
     with pytest.raises(FileNotFoundError):
-        load_oblique(NAME, tmp_path / "missing.pt", 4)
+        load_oblique(name, tmp_path / "missing.pt", 4)
     # Stock open_clip refuses the oblique checkpoint, naming the oblique keys.
-    with pytest.raises(RuntimeError, match="extra_class_embedding"):
-        open_clip.create_model_and_transforms(NAME, pretrained=str(path))
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*visual\.(attnpool\.)?extra_"):
+        open_clip.create_model_and_transforms(name, pretrained=str(path))
     # ...and our loader refuses a stock checkpoint, saying where it does load.
-    stock, _ = tiny()
+    stock, _ = tiny(name=name)
     save_checkpoint(stock, tmp_path / "stock.pt")
     with pytest.raises(ValueError, match="not an oblique checkpoint.*create_model"):
-        load_oblique(NAME, tmp_path / "stock.pt", 4)
+        load_oblique(name, tmp_path / "stock.pt", 4)
 
     # A bare state dict of an oblique model (train.models.save_checkpoint) still knows its K.
     save_checkpoint(model, tmp_path / "bare.pt")
-    bare, *_ = load_oblique(NAME, tmp_path / "bare.pt", 4)
-    torch.testing.assert_close(bare.visual.extra_class_embedding, model.visual.extra_class_embedding)
+    bare, *_ = load_oblique(name, tmp_path / "bare.pt", 4)
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(bare.state_dict()[key], tensor), key
     with pytest.raises(ValueError, match="checkpoint has K=4, asked for K=8"):
-        load_oblique(NAME, tmp_path / "bare.pt", 8)
+        load_oblique(name, tmp_path / "bare.pt", 8)
 
     # K = 1 checkpoints are stock open_clip state dicts inside the same wrapper.
     save_oblique(stock, tmp_path / "k1.pt")
-    k1, *_ = load_oblique(NAME, tmp_path / "k1.pt", 1)
+    k1, *_ = load_oblique(name, tmp_path / "k1.pt", 1)
     with torch.no_grad():
         torch.testing.assert_close(k1.eval().encode_text(text), stock.encode_text(text))
 
@@ -215,16 +267,21 @@ def test_unsupported_conversions_fail_clearly():
         make_oblique(model, 4)
     with pytest.raises(ValueError, match="topology must be one of oblique, sphere"):
         make_oblique(tiny()[0], 4, "torus")
+    other = tiny()[0]
+    other.visual.pool_type = "avg"  # no class token to be token 0
+    with pytest.raises(ValueError, match="class-token pooling .* or its ModifiedResNet, got VisionTransformer"):
+        make_oblique(other, 4)
 
 
-def test_sphere_topology_normalises_the_k_tokens_once_and_is_kept_by_checkpoints(tmp_path):
+@pytest.mark.parametrize("name", [NAME, RN])
+def test_sphere_topology_normalises_the_k_tokens_once_and_is_kept_by_checkpoints(tmp_path, name):
     """The matched control: the same K-token towers, their concatenation normalised once. Every consumer
     (the loss, validation, evaluation) then compares (N, D) unit vectors, as the loss trained them."""
     from pipelines.evaluate import load
     from train.evaluate import encode
     from train.losses import ClipLoss, ObliqueLoss
 
-    oblique, tokenizer = tiny()
+    oblique, tokenizer = tiny(name=name)
     make_oblique(oblique, 4)
     sphere = copy.deepcopy(oblique)
     sphere.oblique_topology = "sphere"  # the same weights, the other topology
@@ -244,12 +301,12 @@ def test_sphere_topology_normalises_the_k_tokens_once_and_is_kept_by_checkpoints
         per_token = oblique(image, text)
     assert abs(ObliqueLoss(topology="sphere")(*per_token[:2], scale)["loss"] - clip) > 1e-4
 
-    save_oblique(sphere, tmp_path / "sphere.pt", model_name=NAME)
+    save_oblique(sphere, tmp_path / "sphere.pt", model_name=name)
     assert torch.load(tmp_path / "sphere.pt", weights_only=True)["topology"] == "sphere"
-    again, *_ = load_oblique(NAME, tmp_path / "sphere.pt", 4)
+    again, *_ = load_oblique(name, tmp_path / "sphere.pt", 4)
     assert again.oblique_topology == "sphere"
     # the evaluate stage's loader and encoder: one D-dim unit vector per sample (K = 1 to its scoring)
-    evaluated, _, _ = load(NAME, str(tmp_path / "sphere.pt"), "cpu")
+    evaluated, _, _ = load(name, str(tmp_path / "sphere.pt"), "cpu")
     features = encode(evaluated, images=image)
     assert features.shape == (5, 1, 64)
     torch.testing.assert_close(features[:, 0], img, atol=1e-6, rtol=1e-5)
@@ -257,7 +314,7 @@ def test_sphere_topology_normalises_the_k_tokens_once_and_is_kept_by_checkpoints
     payload = torch.load(tmp_path / "sphere.pt", weights_only=True)
     del payload["topology"]
     torch.save(payload, tmp_path / "old.pt")
-    old, *_ = load_oblique(NAME, tmp_path / "old.pt", 4)
+    old, *_ = load_oblique(name, tmp_path / "old.pt", 4)
     assert old.oblique_topology == "oblique"
     with torch.no_grad():
         assert old.eval().encode_image(image, normalize=True).shape == (5, 4, 16)

@@ -52,6 +52,7 @@ def falls(curve, head=5, tail=5):
                             "train.loss_args={logit_scale_init: 16, logit_scale_min: 16, logit_scale_max: 100}"]),
     ("oblique_sphere", ["train.loss=oblique", "train.oblique_k=4",
                         "train.loss_args={topology: sphere, logit_scale_init: 4, logit_scale_min: 1, logit_scale_max: 100}"]),
+    ("oblique_rn", ["train.loss=oblique", "train.oblique_k=16", "train.model=softcurate-rn-tiny"]),  # the efficacy students' tower
     # joint top-K is unbounded below; joint teacher pairs need trained weights (any checkpoint will do here)
     ("mmcl", ["train.loss=mmcl", "train.shards=ROOT/shards/{00000..00001}.tar", "train.pretrained=ROOT/start.pt",
               "train.unpaired.images=ROOT/shards/00002.tar", "train.unpaired.texts=ROOT/shards/00003.tar",
@@ -90,6 +91,12 @@ def test_each_objective_trains_and_its_loss_falls(root, name, overrides):
         with torch.no_grad():
             features = model.eval().encode_image(torch.rand(2, 3, 64, 64), normalize=True)
         assert features.shape == (2, 64)
+    if name == "oblique_rn":  # the evaluate stage loads and encodes the ResNet student as it trained: 16 tokens of 4
+        from pipelines.evaluate import evaluate_checkpoint
+
+        result = evaluate_checkpoint(config, summary["final_checkpoint"])
+        assert result["oblique_k"] == 16 and result["topology"] == "oblique", result
+        assert 0 <= result["retrieval"]["dot"]["t2i_R@1"] <= 1
     if name.startswith("mmcl"):
         assert all("unpaired_loss" in r for r in rows if "loss" in r)
 

@@ -4,13 +4,17 @@ An oblique model embeds an image or a caption as K tokens, each projected by ONE
 D/K dims and L2-normalised on its own: a point on OB(D/K, K) = (S^{D/K-1})^K. Two points compare by
 `sum_k <u_k, v_k>`, in [-K, K]. K = 1 is stock CLIP.
 
-`make_oblique(model, k)` changes a stock open_clip CLIP (ViT image tower, open_clip text tower) in
-place by swapping its class to a subclass and adding a few parameters; the open_clip modules and
-their weights stay as they are:
+`make_oblique(model, k)` changes a stock open_clip CLIP (ViT or ModifiedResNet image tower, open_clip
+text tower) in place by swapping its class to a subclass and adding a few parameters; the open_clip
+modules and their weights stay as they are:
 
-- image tower: the stock class token is token 0; K-1 new learned class tokens follow it, each with
-  a new learned positional row, before the patch tokens. The K outputs after `ln_post` go through
-  `proj`, now width x D/K (the first D/K columns of the stock one).
+- image tower, ViT: the stock class token is token 0; K-1 new learned class tokens follow it, each
+  with a new learned positional row, before the patch tokens. The K outputs after `ln_post` go
+  through `proj`, now width x D/K (the first D/K columns of the stock one).
+- image tower, ModifiedResNet: its attention pool asks K queries instead of one. Query 0 is the
+  stock one (the spatial mean at positional row 0); queries 1..K-1 are new learned vectors. All
+  attend over the stock keys (the mean and the spatial tokens; the new queries are not keys, so
+  token 0 is stock), and the K outputs go through `c_proj`, now width x D/K (its first D/K rows).
 - text tower: the stock pooled token (the EOT token for CLIP's tokenizer) is token 0: under the
   causal mask it already sees the whole caption. K-1 new learned tokens are appended AFTER the full
   context (no caption token is dropped) with an attention mask in which they see every caption
@@ -38,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
+from open_clip.modified_resnet import AttentionPool2d, ModifiedResNet
 from open_clip.transformer import VisionTransformer, _expand_token, text_global_pool
 from torch import nn
 
@@ -45,6 +50,8 @@ from train.models import create_model, load_torch, save_torch
 
 CHECKPOINT_FORMAT = "softcurate-oblique-v1"
 TOPOLOGIES = ("oblique", "sphere")
+# The image tower's new tokens (K-1 rows), ViT and ModifiedResNet: a bare state dict's K is read from them.
+IMAGE_TOKENS = ("visual.extra_class_embedding", "visual.attnpool.extra_query_embedding")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,7 +96,7 @@ class ObliqueVisionTransformer(VisionTransformer):
         return super().no_weight_decay() | {"extra_class_embedding", "extra_positional_embedding"}
 
 
-def _oblique_visual(visual: VisionTransformer, k: int) -> None:
+def _oblique_vit(visual: VisionTransformer, k: int) -> None:
     width = visual.class_embedding.shape[-1]
     ref = visual.class_embedding
     scale = width ** -0.5  # open_clip's class_embedding init is scale * randn(width)
@@ -103,6 +110,62 @@ def _oblique_visual(visual: VisionTransformer, k: int) -> None:
     visual.output_dim = visual.proj.shape[1]
     visual.oblique_k = k
     visual.__class__ = ObliqueVisionTransformer
+
+
+class ObliqueAttentionPool2d(AttentionPool2d):
+    """open_clip's ResNet attention pool with K queries over the same keys -> (N, K, D/K).
+
+    Query 0 is stock: the spatial mean at positional row 0. Queries 1..K-1 are learned vectors, like
+    the ViT's extra class tokens (a token at a fixed position is token + position in one vector).
+    They do not add the mean: it grows with the features (norm ~14 against a query's ~1 after 150
+    steps on the demo world), and queries that share it attend alike: the K tokens are then copies
+    (token-to-token cosine 1.000 there, against 0.958 with learned queries and 0.967 for the ViT).
+    Keys and values are stock (the mean token and the spatial tokens); the queries are not keys, so
+    token 0 is stock open_clip's through the first D/K columns of `c_proj`. Set by `make_oblique`
+    through a class swap; adds `extra_query_embedding` (K-1, width) and the attribute `oblique_k`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3]).permute(2, 0, 1)  # NCHW -> (HW)NC
+        x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)  # (HW+1)NC
+        x = x + self.positional_embedding[:, None, :].to(x.dtype)  # (HW+1)NC
+        n = x.shape[1]
+        # F.multi_head_attention_forward's attention, written out so that the learned queries, the same
+        # for every image, are projected once rather than once per image.
+        extra = self.q_proj(self.extra_query_embedding.to(x.dtype))[:, None, :].expand(-1, n, -1)
+        q = torch.cat([self.q_proj(x[:1]), extra], dim=0)  # KNC: stock's one query, then the learned ones
+
+        def heads(t):  # LNC -> (N*heads)L(C/heads), as multi_head_attention_forward splits them
+            return t.reshape(t.shape[0], n * self.num_heads, -1).transpose(0, 1)
+
+        out = F.scaled_dot_product_attention(heads(q), heads(self.k_proj(x)), heads(self.v_proj(x)))
+        out = out.transpose(0, 1).reshape(q.shape[0], n, -1)  # KNC
+        return self.c_proj(out).transpose(0, 1)  # N K D/K
+
+
+def _oblique_resnet(visual: ModifiedResNet, k: int) -> None:
+    pool = visual.attnpool
+    ref = pool.positional_embedding
+    width = ref.shape[-1]
+    # Initialised as open_clip initialises the pool's positional rows and the ViT's class token.
+    pool.extra_query_embedding = nn.Parameter(
+        width ** -0.5 * torch.randn(k - 1, width, device=ref.device, dtype=ref.dtype))
+    proj = pool.c_proj
+    narrow = nn.Linear(proj.in_features, proj.out_features // k).to(device=proj.weight.device, dtype=proj.weight.dtype)
+    with torch.no_grad():
+        narrow.weight.copy_(proj.weight[: narrow.out_features])
+        narrow.bias.copy_(proj.bias[: narrow.out_features])
+    pool.c_proj = narrow
+    pool.oblique_k = k
+    pool.__class__ = ObliqueAttentionPool2d
+    visual.output_dim = narrow.out_features
+
+
+def _oblique_visual(visual: nn.Module, k: int) -> None:
+    if isinstance(visual, ModifiedResNet):
+        _oblique_resnet(visual, k)
+    else:
+        _oblique_vit(visual, k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +243,9 @@ class ObliqueCLIP(CLIP):
 
     @torch.jit.ignore
     def no_weight_decay(self):
-        return super().no_weight_decay() | {"text_extra_class_embedding"}
+        # A ModifiedResNet names no such parameters of its own; its new query rows are tokens too.
+        pool = {"visual.attnpool.extra_query_embedding"} if isinstance(self.visual, ModifiedResNet) else set()
+        return super().no_weight_decay() | {"text_extra_class_embedding"} | pool
 
 
 def _oblique_text(model: CLIP, k: int) -> None:
@@ -207,8 +272,16 @@ def _oblique_text(model: CLIP, k: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
-def _embed_dim(model: CLIP) -> int:
-    return model.visual.proj.shape[1]
+def _check_image_tower(visual: nn.Module) -> int:
+    """The image tower's output width, if make_oblique knows how to give it K tokens."""
+    if type(visual) is ModifiedResNet and type(visual.attnpool) is AttentionPool2d:
+        return visual.attnpool.c_proj.out_features
+    if type(visual) is VisionTransformer and visual.attn_pool is None and visual.pool_type == "tok":
+        if visual.proj is None:
+            raise ValueError("make_oblique needs both towers' projections (the shared per-token projection)")
+        return visual.proj.shape[1]
+    raise ValueError("make_oblique needs open_clip's ViT image tower with class-token pooling (no attentional "
+                     f"pool, pool_type 'tok') or its ModifiedResNet, got {type(visual).__name__}")
 
 
 def _check_convertible(model: CLIP, k: int, topology: str = "oblique") -> None:
@@ -221,16 +294,13 @@ def _check_convertible(model: CLIP, k: int, topology: str = "oblique") -> None:
     if type(model) is not CLIP:
         raise ValueError(f"make_oblique needs an open_clip CLIP with open_clip's own text tower, "
                          f"got {type(model).__name__}")
-    visual = model.visual
-    if type(visual) is not VisionTransformer or visual.attn_pool is not None or visual.pool_type != "tok":
-        raise ValueError("make_oblique needs open_clip's ViT image tower with class-token pooling "
-                         f"(no attentional pool, pool_type 'tok'), got {type(visual).__name__}")
-    if visual.proj is None or model.text_projection is None:
+    image_dim = _check_image_tower(model.visual)
+    if model.text_projection is None:
         raise ValueError("make_oblique needs both towers' projections (the shared per-token projection)")
     text_dim = (model.text_projection.out_features if isinstance(model.text_projection, nn.Linear)
                 else model.text_projection.shape[1])
-    if _embed_dim(model) % k or text_dim % k:
-        raise ValueError(f"embed_dim {_embed_dim(model)} is not divisible by K={k}")
+    if image_dim % k or text_dim % k:
+        raise ValueError(f"embed_dim {image_dim} is not divisible by K={k}")
 
 
 def _to_oblique(model: CLIP, k: int, topology: str = "oblique") -> CLIP:
@@ -299,10 +369,10 @@ def load_oblique(name: str, path: str | Path, k: int, device: str | torch.device
         payload = load_torch(path, map_location=device, weights_only=True)  # local or an fsspec url
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint not found: {path}") from None
-    if isinstance(payload, dict) and "visual.extra_class_embedding" in payload:
+    tokens = next((key for key in IMAGE_TOKENS if isinstance(payload, dict) and key in payload), None)
+    if tokens is not None:
         # A bare state dict of an oblique model (e.g. a plain save_checkpoint): K is its token count.
-        k_saved = payload["visual.extra_class_embedding"].shape[0] + 1
-        payload = {"format": CHECKPOINT_FORMAT, "oblique_k": k_saved, "state_dict": payload}
+        payload = {"format": CHECKPOINT_FORMAT, "oblique_k": payload[tokens].shape[0] + 1, "state_dict": payload}
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an oblique checkpoint (no '{CHECKPOINT_FORMAT}' header); a stock "
                          f"open_clip checkpoint loads with train.models.create_model(name, pretrained=path)")
