@@ -185,8 +185,9 @@ def main() -> None:
         plan = plans[world]
         results = by_world[world] = [json.loads((out / f"{name}_s{seed}.json").read_text())
                                      for name in plan for seed in seeds if (out / f"{name}_s{seed}.json").exists()]
-        text = table(world, results, detection(config), plan, gap) + detections(config, trained)
+        text = table(world, results, detection(config), plan, gap)
         (out / f"{Path(args.rows).stem}.md").write_text(text)
+        (out / "detection.md").write_text(detections(config, trained))
         if results:
             (out / f"{Path(args.rows).stem}_curves.png").write_bytes(plot_curves(world, results))
         print("\n" + text)
@@ -211,19 +212,29 @@ def commit() -> str:
 
 
 def detections(config: Config, trained: dict[str, Config]) -> str:
-    """Noise detection by each teacher: AUROC of each score against the truth, the estimated noise rate."""
-    lines = ["", "noise detection by teacher (AUROC against the labels table; estimated noise rate):", "",
-             "| teacher | clean_prob | loss | cosine | DN | estimated rate |", "|---|---|---|---|---|---|"]
+    """Noise detection by each teacher, overall and by kind of noise: the AUROC of each score against the
+    truth, the share clean_prob < 0.5 flags, the estimated noise rate beside the injected one."""
+    lines = []
     for name in [SELF, *trained]:
         folder = config.score_dir() if name == SELF else join(config.root, f"scores_{name}")
         summary = read_json(join(folder, "_summary.json"), {}) or {}
-        found = summary.get("detection") or {}
+        found, teacher = summary.get("detection") or {}, summary.get("teacher", {})
         if not found:
             continue
-        a = found["auroc"]
-        lines.append(f"| {name} | {a['clean_prob']:.3f} | {a['loss']:.3f} | {a['cosine']:.3f} | {a['dn_score']:.3f} | "
-                     f"{summary['noise']['estimated_rate']:.3f} |")
-    return "\n".join(lines) + "\n"
+        rate = found["noise_rate"]
+        scored = (f"loss averaged over {len(teacher.get('loss_averaged_over', []))} checkpoint(s) "
+                  f"({teacher.get('loss_rule', 'given')})")
+        lines += ["", f"**{name} teacher** ({teacher.get('model')}; {scored}): estimated noise rate "
+                      f"{rate['estimated']:.3f} against {rate['labelled']:.3f} injected; "
+                      f"{found['clean_flagged']:.1%} of the clean pairs flagged (clean_prob < 0.5)", "",
+                  "| noise | pairs | flagged | AUROC clean_prob | AUROC loss | AUROC cosine | AUROC DN |",
+                  "|---|---|---|---|---|---|---|"]
+        kinds = [("all noisy", found["noisy"], None, found["auroc"])] + \
+            [(k, v["pairs"], v["flagged"], v["auroc"]) for k, v in found.get("by_kind", {}).items()]
+        for kind, pairs, flagged, a in kinds:
+            lines.append(f"| {kind} | {pairs} | {'' if flagged is None else f'{flagged:.1%}'} | {a['clean_prob']:.3f} | "
+                         f"{a['loss']:.3f} | {a['cosine']:.3f} | {a['dn_score']:.3f} |")
+    return "\n".join(lines).strip() + "\n" if lines else "(no scores with a labels table)\n"
 
 
 if __name__ == "__main__":

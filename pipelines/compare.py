@@ -184,8 +184,9 @@ def versus(results: list[dict], rows: dict, gap: dict | None = None) -> dict:
         out[name] = {"baseline": base,
                      "gain": [by[name, s]["R@1 dot"] - by[base, s]["R@1 dot"] for s in paired] if base else [],
                      "dn_gain": [by[name, s]["R@1 dn"] - by[name, s]["R@1 dot"] for s in seeds]}
-        if gap:
-            ends = [s for s in seeds if (gap["raw"], s) in by and (gap["oracle"], s) in by]
+        if gap:  # seeds where the oracle is above raw: elsewhere there is no damage to win back
+            ends = [s for s in seeds if (gap["raw"], s) in by and (gap["oracle"], s) in by
+                    and by[gap["oracle"], s]["R@1 dot"] > by[gap["raw"], s]["R@1 dot"]]
             out[name]["recovered"] = [(by[name, s]["R@1 dot"] - by[gap["raw"], s]["R@1 dot"])
                                       / (by[gap["oracle"], s]["R@1 dot"] - by[gap["raw"], s]["R@1 dot"]) for s in ends]
     return out
@@ -201,7 +202,7 @@ def spread(values: list[float]) -> str:
 
 def share(values: list[float]) -> str:
     """A fraction of the gap as mean +- std percent over seeds."""
-    return f"{100 * np.mean(values):.0f}% +- {100 * np.std(values):.0f}%" if values else ""
+    return f"{100 * np.mean(values):.0f}% +- {100 * np.std(values):.0f}%" if values else "no gap (oracle <= raw)"
 
 
 def table(title: str, results: list[dict], detection: dict | None, rows_spec: dict | None = None,

@@ -35,7 +35,8 @@ def test_efficacy_smoke_run_trains_every_row_with_both_teachers_and_writes_the_t
     table = (tmp_path / "noise20" / "rows.md").read_text()
     assert "| clip_raw | 1 |" in table and "R@1 dn" in table and "noise detection" in table
     assert "| softclip_teacher_pretrained | clip_raw |" in table and "gap recovered (clip_raw -> clip_oracle)" in table
-    assert "| self |" in table and "| pretrained |" in table  # detection by each teacher
+    found = (tmp_path / "noise20" / "detection.md").read_text()  # detection by each teacher, by kind of noise
+    assert "**self teacher**" in found and "**pretrained teacher**" in found and "| unrelated_caption |" in found
     curves = (tmp_path / "noise20" / "rows_curves.png").read_bytes()
     assert curves.startswith(b"\x89PNG") and len(curves) > 5000  # a drawn figure, not an empty canvas
 
@@ -147,6 +148,9 @@ def test_gap_recovered_is_the_rows_share_of_the_raw_to_oracle_gap_paired_by_seed
     assert gains["oracle"]["recovered"] == pytest.approx([1.0, 1.0]) and gains["raw"]["recovered"] == [0.0, 0.0]
     assert "| cur | raw | +0.075 +- 0.075 (1/2 > 0) | +0.000 +- 0.000 (0/2 > 0) | 38% +- 38% |" in \
         table("t", results, None, rows, {"raw": "raw", "oracle": "oracle"})
+    level = [run("raw", 0, 0.10, 0.10), run("oracle", 0, 0.10, 0.10), run("cur", 0, 0.12, 0.12)]
+    assert versus(level, rows, {"raw": "raw", "oracle": "oracle"})["cur"]["recovered"] == []  # no gap: no share
+    assert "no gap (oracle <= raw)" in table("t", level, None, rows, {"raw": "raw", "oracle": "oracle"})
 
 
 def test_a_row_run_by_several_teachers_reads_each_teachers_scores_and_keeps_its_baseline_in_step():
