@@ -35,11 +35,15 @@ ATTRIBUTE_WORDS = {w for words in shapes.WORDS.values() for options in words.val
     | set(shapes.SHAPE_ADJECTIVES.values())
 
 
+def built(tmp_path_factory, cfg: WorldConfig, name: str) -> str:
+    out = str(tmp_path_factory.mktemp(name) / "w")
+    build_world(cfg, out, SEED)
+    return out
+
+
 @pytest.fixture(scope="module")
 def world_dir(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("world") / "w")
-    build_world(CFG, out, SEED)
-    return out
+    return built(tmp_path_factory, CFG, "world")
 
 
 @pytest.fixture(scope="module")
@@ -436,9 +440,7 @@ PATTERN_WORDS = {w: (attr, value) for attr, words in patterns.WORDS.items() for 
 
 @pytest.fixture(scope="module")
 def patterns_dir(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("patterns") / "w")
-    build_world(PATTERNS_CFG, out, SEED)
-    return out
+    return built(tmp_path_factory, PATTERNS_CFG, "patterns")
 
 
 @pytest.fixture(scope="module")

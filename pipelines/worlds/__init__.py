@@ -33,6 +33,19 @@ def generator(kind: str) -> ModuleType:
 
 
 # ---------------------------------------------------------------- shared by the generators
+def partial_mentions(objects: list[dict], attrs: tuple[str, ...], rng: np.random.Generator) -> list[dict]:
+    """A partial caption's mentions: some of the objects, each with 1 to len(attrs) - 1 of its attributes."""
+    chosen = sorted(rng.choice(len(objects), rng.integers(1, len(objects) + 1), replace=False))
+    return [{a: objects[k][a] for a in sorted(rng.choice(attrs, rng.integers(1, len(attrs)), replace=False),
+                                              key=attrs.index)} for k in chosen]
+
+
+def pick_word(words: dict, attrs: tuple[str, ...], attr: str, value: str, wording: dict) -> str:
+    """The caption's word for an attribute value: its synonym choice for that attribute."""
+    options = words[attr][value]
+    return options[wording["synonyms"][attrs.index(attr)] % len(options)]
+
+
 def describes(mentions: list[dict], objects: list[dict]) -> bool:
     """True when distinct objects of the scene match every mentioned attribute."""
     return any(all(o[a] == m[a] for m, o in zip(mentions, chosen) for a in m)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from pipelines.worlds import change_one_word, describes  # noqa: F401  (describes: part of a generator)
+from pipelines.worlds import change_one_word, describes, partial_mentions, pick_word  # noqa: F401  (describes: part of a generator)
 
 MAX_OBJECTS = 2
 ATTRS = ("pattern", "scale", "colour", "ground", "position")
@@ -142,9 +142,7 @@ def make_caption(objects: list[dict], rng: np.random.Generator, partial_rate: fl
     partial = bool(rng.random() < partial_rate)
     mentions = list(objects)  # shares the dicts: nothing mutates a mention in place
     if partial:  # some swatches, each with 1-4 of its 5 attributes
-        chosen = sorted(rng.choice(len(objects), rng.integers(1, len(objects) + 1), replace=False))
-        mentions = [{a: objects[k][a] for a in sorted(rng.choice(ATTRS, rng.integers(1, 5), replace=False),
-                                                      key=ATTRS.index)} for k in chosen]
+        mentions = partial_mentions(objects, ATTRS, rng)
     wording = {"listing": bool(rng.random() < 0.5), "template": int(rng.integers(12)),  # 12: uniform mod 2, 3 and 4
                "frame": int(rng.integers(2)), "noun": int(rng.integers(len(NOUNS))),
                "synonyms": tuple(int(s) for s in rng.integers(0, 2, len(ATTRS)))}
@@ -153,8 +151,7 @@ def make_caption(objects: list[dict], rng: np.random.Generator, partial_rate: fl
 
 
 def word(attr: str, value: str, wording: dict) -> str:
-    options = WORDS[attr][value]
-    return options[wording["synonyms"][ATTRS.index(attr)] % len(options)]
+    return pick_word(WORDS, ATTRS, attr, value, wording)
 
 
 def listing_phrase(mention: dict, wording: dict) -> str:

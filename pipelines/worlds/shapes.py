@@ -12,7 +12,7 @@ import itertools
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipelines.worlds import change_one_word, describes  # noqa: F401  (describes: part of a generator)
+from pipelines.worlds import change_one_word, describes, partial_mentions, pick_word  # noqa: F401  (describes: part of a generator)
 
 MAX_OBJECTS = 3
 
@@ -132,9 +132,7 @@ def make_caption(objects: list[dict], rng: np.random.Generator, partial_rate: fl
     partial = bool(rng.random() < partial_rate)
     mentions = list(objects)  # shares the dicts: nothing mutates a mention in place
     if partial:  # some objects, each with 1-3 of its 4 attributes
-        chosen = sorted(rng.choice(len(objects), rng.integers(1, len(objects) + 1), replace=False))
-        mentions = [{a: objects[k][a] for a in sorted(rng.choice(ATTRS, rng.integers(1, 4), replace=False),
-                                                      key=ATTRS.index)} for k in chosen]
+        mentions = partial_mentions(objects, ATTRS, rng)
     wording = {"terse": bool(rng.random() < 0.3), "template": int(rng.integers(60)),  # 60: uniform mod 2, 3 and 5
                "frame": int(rng.integers(len(POSITION_FRAMES))), "noun": int(rng.integers(len(NOUNS))),
                "adjective": bool(rng.random() < 0.5), "synonyms": tuple(int(s) for s in rng.integers(0, 2, 4))}
@@ -143,8 +141,7 @@ def make_caption(objects: list[dict], rng: np.random.Generator, partial_rate: fl
 
 
 def word(attr: str, value: str, wording: dict) -> str:
-    options = WORDS[attr][value]
-    return options[wording["synonyms"][ATTRS.index(attr)] % len(options)]
+    return pick_word(WORDS, ATTRS, attr, value, wording)
 
 
 def object_phrase(mention: dict, wording: dict) -> str:
