@@ -76,6 +76,12 @@ def test_the_default_teacher_is_best_pt_and_the_epochs_up_to_it(scored):
     scale = model.logit_scale.exp().item()
     assert summary["teacher"]["logit_scale"][0] == pytest.approx(scale)
     assert summary["teacher"]["tau_s"] == pytest.approx(1 / scale)
+    # the loss is averaged over epochs 1 .. the one whose losses the mixture found noisiest (the first such)
+    noise = {int(e): n for e, n in summary["teacher"]["noise_by_epoch"].items()}
+    assert sorted(noise) == list(range(1, best + 1))
+    end = max(sorted(noise), key=noise.get)
+    epochs = summary["teacher"]["epochs"]
+    assert sorted(epochs[j] for j in summary["teacher"]["averaged"]) == list(range(1, end + 1))
     on_disk = json.loads((root / "scores" / "_summary.json").read_text())
     assert on_disk["mixture"]["means"][0] < on_disk["mixture"]["means"][1] and len(on_disk["dn"]["mu_v"]) == 64
 
@@ -112,8 +118,8 @@ def test_score_columns_recomputed_from_the_teacher_embeddings(scored):
     got = scores[rows.tolist()]
     by_checkpoint = np.asarray(got["loss_by_checkpoint"].to_list())
     np.testing.assert_allclose(by_checkpoint[:, 0], loss, rtol=1e-5)
-    loss = by_checkpoint.mean(1)
     assert by_checkpoint.shape[1] == len(summary["teacher"]["checkpoints"]) > 1
+    loss = by_checkpoint[:, summary["teacher"]["averaged"]].mean(1)  # the early-learning epochs only
     np.testing.assert_allclose(got["cosine"], (image[rows] * text[rows]).sum(1), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got["dn_score"], (v[rows] * t[rows]).sum(1), rtol=1e-5, atol=1e-6)
     for name in log_p:
