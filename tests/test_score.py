@@ -59,8 +59,8 @@ def test_one_row_per_sample_with_the_documented_schema(scored):
 
 
 def test_the_default_teacher_is_best_pt_and_the_epochs_up_to_it(scored):
-    """score.teacher_epochs up_to_best: best.pt (embeddings, temperature), then epochs 1 .. best-1 (with best.pt's
-    weights, the loss is averaged over epochs 1 .. best)."""
+    """score.teacher_epochs early: best.pt (embeddings, temperature), then epochs 1 .. best-1 embedded (best.pt is
+    epoch best); the loss is averaged over epochs 1 .. the end of early learning."""
     root, summary = scored
     run = root / "runs" / "teacher"
     best = json.loads((run / "_summary.json").read_text())["best_epoch"]
@@ -69,7 +69,7 @@ def test_the_default_teacher_is_best_pt_and_the_epochs_up_to_it(scored):
     recalls = [m["val_recall@1"] for m in metrics if "val_recall@1" in m]
     assert recalls.index(max(recalls)) == best - 1  # the first epoch with the highest validation recall
     checkpoint = run / "checkpoints" / "best.pt"
-    assert summary["teacher"]["loss_rule"] == "up_to_best"
+    assert summary["teacher"]["loss_rule"] == "early"
     assert summary["teacher"]["checkpoints"] == [str(checkpoint)] + [str(run / "checkpoints" / f"epoch_{e:03d}.pt")
                                                                      for e in range(1, best)]
     model, _, _ = open_clip.create_model_and_transforms("softcurate-tiny", pretrained=str(checkpoint))
