@@ -284,7 +284,7 @@ def summarize(config: Config, score_paths: list[str], state: dict, search: dict,
     pairs_per_s = len(table) / total if total else None
     summary = {
         "teacher": {"model": teacher["model"], "checkpoints": teacher["checkpoints"], "loss_rule": teacher["loss_rule"],
-                    "epochs": teacher["epochs"], "loss_averaged_over": [teacher["checkpoints"][j] for j in state["averaged"]],
+                    "epochs": teacher["epochs"], "averaged": state["averaged"],  # which checkpoints' loss is averaged
                     "noise_by_epoch": state["noise_by_epoch"], "digests": teacher["digests"],
                     "logit_scale": [c["scale"] for c in state["checkpoints"]], "tau_s": 1.0 / ck0["scale"],
                     "sentence_teacher": teacher["sentence_teacher"]},
@@ -333,9 +333,9 @@ def print_summary(summary: dict) -> None:
     print(f"\nscore summary: {c['samples']} samples = {c['scored']} scored + {c['failed']} failed")
     for reason, count in c["failed_by_reason"].items():
         print(f"  {count:>8}  {reason}")
-    averaged = len(t["loss_averaged_over"])
+    averaged = f"{len(t['averaged'])} checkpoint(s)"
     if t["epochs"]:
-        averaged = "epochs " + ", ".join(str(t["epochs"][t["checkpoints"].index(c)]) for c in t["loss_averaged_over"])
+        averaged = "epochs " + ", ".join(str(e) for e in sorted(t["epochs"][j] for j in t["averaged"]))
     print(f"  teacher {t['model']}: loss averaged over {averaged} ({t['loss_rule']}); embeddings, cosine and DN from "
           f"{t['checkpoints'][0]}, logit scale {t['logit_scale'][0]:.2f} (tau_s {t['tau_s']:.4f})")
     if t["noise_by_epoch"]:
