@@ -5,7 +5,7 @@ import yaml
 
 from pipelines.config import ConfigError, dump_config, load_config, save_config, validate
 
-ROW_FILES = ("rows.yaml", "sweep.yaml")  # the efficacy rows: train settings, not whole configs
+ROW_FILES = ("rows.yaml", "rows_patterns.yaml", "sweep.yaml")  # the efficacy rows: train settings, not whole configs
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml") if p.name not in ROW_FILES)
 
 
@@ -17,13 +17,25 @@ def test_shipped_configs_validate(path):
 
 @pytest.mark.parametrize("name", ROW_FILES)
 def test_efficacy_rows_are_valid_train_settings(name):
-    """configs/efficacy/rows.yaml and sweep.yaml are not whole configs: they must still validate as compare rows."""
-    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "efficacy" / name).read_text())
-    config = load_config(None, [], {"compare.rows": spec["rows"], "compare.budget": spec["budget"]})
-    assert list(config.compare.rows) == list(spec["rows"])
-    for row in spec["rows"].values():
+    """The efficacy rows files are not whole configs: each row, once the benchmark has given it a teacher's
+    scores and the oracle its shards, must validate as a compare row; their teachers as whole configs."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec_file = importlib.util.spec_from_file_location("efficacy", root / "bench" / "efficacy.py")
+    efficacy = importlib.util.module_from_spec(spec_file)
+    spec_file.loader.exec_module(efficacy)
+    spec = yaml.safe_load((root / "configs" / "efficacy" / name).read_text())
+    scores = {t: {"output": f"/w/scores_{t}", "checkpoints": [f"/t/{t}.pt"]} for t in spec.get("teachers", {})}
+    plan = {n: ({**{k: v for k, v in r.items() if k != "pairs"}, "shards": "/w/oracle/shards/00000.tar"}
+                if r.get("pairs") == "oracle" else r) for n, r in efficacy.expand_rows(spec["rows"], scores).items()}
+    config = load_config(None, [], {"compare.rows": plan, "compare.budget": spec["budget"]})
+    assert list(config.compare.rows) == list(plan) and set(spec["gap"].values()) <= set(plan)
+    for row in plan.values():
         if row.get("curate"):
             load_config(None, [], {"curate.policy": row["curate"]})
+    for teacher in spec.get("teachers", {}).values():
+        assert "train" in load_config(root / teacher["config"]).stages
 
 
 def test_unknown_key_is_named_with_a_suggestion(tmp_path):

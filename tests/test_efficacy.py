@@ -18,7 +18,7 @@ def test_efficacy_smoke_run_trains_every_row_with_both_teachers_and_writes_the_t
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "efficacy.py"), "--smoke", "--results", str(tmp_path)],
                             capture_output=True, text=True, timeout=1800, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = sorted((tmp_path / "noise20").glob("*_s0.json"))
+    runs = sorted((tmp_path / "noise20").glob("*_s0.json"), key=lambda p: p.name.removesuffix("_s0.json"))
     assert [r.name.removesuffix("_s0.json") for r in runs] == [
         "clip_curated_cosine_top", "clip_curated_cosine_top_pretrained", "clip_oracle", "clip_raw",
         "softclip_teacher", "softclip_teacher_pretrained"]
