@@ -113,10 +113,11 @@ def run_row(config: Config, name: str, row: dict, seed: int, budget: dict) -> di
     summary = run_train(cfg)
     with fsspec.open(join(cfg.run_dir(), "metrics.jsonl"), "r") as f:
         metrics = [json.loads(line) for line in f.read().splitlines()]
+    resolved = load_config(join(cfg.run_dir(), "_config.yaml")).train  # as trained: its shards, scores, teacher tau_s
     curve = [{"step": m["step"], "val_recall@1": m["val_recall@1"]} for m in metrics if "val_recall@1" in m]
     losses = [m["loss"] for m in metrics if "loss" in m]
     result = evaluate_checkpoint(cfg, join(cfg.run_dir(), "checkpoints", "best.pt"))
-    return {"row": name, "seed": seed, "train": cfg.train.model_dump(mode="json"), "steps": summary["steps"],
+    return {"row": name, "seed": seed, "train": resolved.model_dump(mode="json"), "steps": summary["steps"],
             "best_val_recall": summary["best_val_recall"], "val_curve": curve,
             "loss_first": float(np.mean(losses[:5])) if losses else None,
             "loss_last": float(np.mean(losses[-5:])) if losses else None, "test": result}
