@@ -13,9 +13,9 @@ here from the world's truth table (nothing else ever reads the truth to decide a
 row of the rows file for every seed, with the same budget, as the compare stage trains and evaluates
 its rows (pipelines/compare.py). A row with `teachers: [self, pretrained]` runs once per teacher
 (named ROW and ROW_pretrained); `pairs: oracle` trains on the oracle shards. A row's result is
-written to docs/results/efficacy/<world>/<row>_s<seed>.json and skipped when it exists, so the run
+written to <results>/<world>/<row>_s<seed>.json (--results, default docs/results/efficacy) and skipped when it exists, so the run
 can be spread over several sessions. The table (mean +- std over seeds, gains paired by seed, the
-share of the raw -> oracle gap recovered) goes to docs/results/efficacy/<world>/<rows file>.md.
+share of the raw -> oracle gap recovered) goes to <results>/<world>/<rows file>.md.
 """
 
 from __future__ import annotations
