@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipelines.cli import STAGES  # noqa: E402
 from pipelines.compare import detection, plot_curves, run_once, spread, summarize, table, versus  # noqa: E402
 from pipelines.config import Config, join, load_config  # noqa: E402
-from pipelines.io import finished_shards, read_json, write_json  # noqa: E402
-from pipelines.score import run_score  # noqa: E402
+from pipelines.io import atomic_open, finished_shards, read_json, write_json  # noqa: E402
+from pipelines.score import detection_rows, run_score  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results" / "efficacy"
@@ -95,13 +95,12 @@ def oracle_shards(config: Config) -> str:
         urls.append(str(out / name))
         if (out / name).exists():
             continue
-        with wds.TarWriter(str(out / (name + ".partial")), mtime=0) as sink:
+        shutil.copyfile(shard.removesuffix(".tar") + "_stats.json", out / name.replace(".tar", "_stats.json"))
+        with atomic_open(str(out / name)) as f, wds.TarWriter(f, mtime=0) as sink:  # whole or absent: the skip above
             for sample in wds.WebDataset(shard, shardshuffle=False):
                 row = json.loads(sample["json"])["row"]
                 sink.write({**{k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"},
                             "txt": true_caption[row].encode()})
-        shutil.copyfile(shard.removesuffix(".tar") + "_stats.json", out / name.replace(".tar", "_stats.json"))
-        (out / (name + ".partial")).rename(out / name)
     return "::".join(urls)
 
 
@@ -175,9 +174,9 @@ def main() -> None:
             for name, row in plans[world].items():
                 path = results_dir / world / f"{name}_s{seed}.json"
                 fresh = not path.exists()
-                run_once(config, name, row, seed, budget, str(results_dir / world))
+                result = run_once(config, name, row, seed, budget, str(results_dir / world))
                 if fresh:  # which code trained it: runs spread over sessions must not mix versions unseen
-                    write_json(str(path), {**json.loads(path.read_text()), "commit": commit()})
+                    write_json(str(path), {**result, "commit": commit()})
     by_world = {}
     for world, config in worlds.items():
         out = results_dir / world
@@ -229,9 +228,7 @@ def detections(config: Config, trained: dict[str, Config]) -> str:
                       f"{found['clean_flagged']:.1%} of the clean pairs flagged (clean_prob < 0.5)", "",
                   "| noise | pairs | flagged | AUROC clean_prob | AUROC loss | AUROC cosine | AUROC DN |",
                   "|---|---|---|---|---|---|---|"]
-        kinds = [("all noisy", found["noisy"], None, found["auroc"])] + \
-            [(k, v["pairs"], v["flagged"], v["auroc"]) for k, v in found.get("by_kind", {}).items()]
-        for kind, pairs, flagged, a in kinds:
+        for kind, pairs, flagged, a in detection_rows(found):
             lines.append(f"| {kind} | {pairs} | {'' if flagged is None else f'{flagged:.1%}'} | {a['clean_prob']:.3f} | "
                          f"{a['loss']:.3f} | {a['cosine']:.3f} | {a['dn_score']:.3f} |")
     return "\n".join(lines).strip() + "\n" if lines else "(no scores with a labels table)\n"

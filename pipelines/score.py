@@ -350,13 +350,17 @@ def print_summary(summary: dict) -> None:
           f"neighbours {summary['neighbours']['method']}")
 
 
+def detection_rows(d: dict) -> list[tuple]:
+    """(noise, pairs, share flagged or None, AUROC by score) for all noisy pairs, then for each kind."""
+    return [("all noisy", d["noisy"], None, d["auroc"])] + [(k, v["pairs"], v["flagged"], v["auroc"])
+                                                          for k, v in d.get("by_kind", {}).items()]
+
+
 def print_detection(d: dict) -> None:
     rate = d["noise_rate"]
     print(f"  detection vs {d['truth']}: noise rate {rate['estimated']:.3f} estimated, {rate['labelled']:.3f} labelled; "
           f"{d['clean_flagged']:.1%} of clean pairs flagged (clean_prob < 0.5)")
-    rows = [("all noisy", d["noisy"], None, d["auroc"])] + [(k, v["pairs"], v["flagged"], v["auroc"])
-                                                          for k, v in d.get("by_kind", {}).items()]
     print(f"  {'AUROC':<20} {'pairs':>6} {'flagged':>7} " + " ".join(f"{name:>10}" for name in NOISY_WHEN))
-    for name, pairs, flagged, a in rows:
+    for name, pairs, flagged, a in detection_rows(d):
         share = f"{flagged:.1%}" if flagged is not None else ""
         print(f"  {name:<20} {pairs:>6} {share:>7} " + " ".join(f"{a[k]:>10.3f}" for k in NOISY_WHEN))
