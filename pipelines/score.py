@@ -278,11 +278,11 @@ def build_shard_index(shards: list[str], read, path: str, factory: str, seed: in
     """An index of every shard's embeddings (read(shard) -> (float (n, d), int64 ids)), written atomically to path,
     holding one shard and the index in memory, never all embeddings at once.
 
-    As autofaiss does under a memory budget (build_index with max_index_memory_usage): train the empty index
-    on a bounded sample of the embeddings, then stream the rest in by batches with add_with_ids, and write the
-    index without a second in-memory copy. Unlike autofaiss's numpy-file reader, the training sample is the
-    TRAIN_SIZE smallest seeded key ranks (curate.scores.key_ranks), so it does not depend on shard order, and
-    the index factory is given, not searched for. "Flat" needs no training: shard by shard it holds the
+    Taken from autofaiss's build under a memory budget (build_index with current_memory_available): train the
+    empty index on a bounded sample of the embeddings, then stream every embedding in by batches
+    (add_with_ids). Not taken: its index-factory search and its partial indexes merged on disk; here the
+    factory is given, the training sample is the TRAIN_SIZE smallest seeded key ranks (curate.scores.key_ranks,
+    so it does not depend on shard order), and the index is streamed to its file, not serialized to bytes. "Flat" needs no training: shard by shard it holds the
     same vectors under the same ids in the same order as a one-shot build, so the same bytes.
 
     Resumable: the trained empty index is checkpointed beside path (written atomically); a build killed
