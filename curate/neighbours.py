@@ -90,25 +90,39 @@ def _ivf(index: faiss.Index):
         return None
 
 
-def build_index(base: np.ndarray, ids: np.ndarray | None = None, factory: str = "auto", seed: int = 0,
-                train_size: int = 100_000) -> faiss.Index:
-    """A trained faiss inner-product index holding base under ids (default arange)."""
-    n, d = base.shape
-    ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
-    if factory == "auto":  # faiss's rule of thumb: ~4 sqrt(n) lists, and >= 39 training points per list
-        factory = f"IVF{min(max(1, round(4 * math.sqrt(n))), max(1, n // 39))},SQ8"
-    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+def auto_factory(n: int) -> str:
+    """faiss's rule of thumb: ~4 sqrt(n) lists, and >= 39 training points per list; SQ8 codes (one byte a dimension)."""
+    return f"IVF{min(max(1, round(4 * math.sqrt(n))), max(1, n // 39))},SQ8"
+
+
+def train_index(sample: np.ndarray, factory: str, seed: int = 0) -> faiss.Index:
+    """An empty inner-product index trained on sample (n, d), ready for add_with_ids; "Flat" needs no training."""
+    index = faiss.index_factory(sample.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     ivf = _ivf(index)
     if ivf is not None:
         ivf.cp.seed = seed  # k-means seed, so a rebuild gives the same lists
     elif not isinstance(index, faiss.IndexIDMap):
         index = faiss.IndexIDMap(index)  # only IVF indexes take ids themselves
     if not index.is_trained:
-        rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, train_size), replace=False))
-        index.train(np.ascontiguousarray(base[rows], dtype=np.float32))
-    step = 65536  # add in chunks: a float16 base is never copied whole to float32
-    for j in range(0, n, step):
-        index.add_with_ids(np.ascontiguousarray(base[j:j + step], dtype=np.float32), ids[j:j + step])
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return index
+
+
+def add(index: faiss.Index, base: np.ndarray, ids: np.ndarray, step: int = 65536) -> None:
+    """Add base under ids, in chunks: a float16 or float64 base is never copied whole to float32."""
+    for j in range(0, len(base), step):
+        index.add_with_ids(np.ascontiguousarray(base[j:j + step], dtype=np.float32), np.asarray(ids[j:j + step], np.int64))
+
+
+def build_index(base: np.ndarray, ids: np.ndarray | None = None, factory: str = "auto", seed: int = 0,
+                train_size: int = 100_000) -> faiss.Index:
+    """A trained faiss inner-product index holding base under ids (default arange), all in one go."""
+    n = len(base)
+    ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+    factory = auto_factory(n) if factory == "auto" else factory
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, train_size), replace=False))
+    index = train_index(base[rows], factory, seed)
+    add(index, base, ids)
     return index
 
 
@@ -139,3 +153,8 @@ def serialize_index(index: faiss.Index) -> bytes:
 
 def deserialize_index(data: bytes) -> faiss.Index:
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+def write_index(index: faiss.Index, f) -> None:
+    """serialize_index's bytes into the binary file object f, streamed: no second copy of the index in memory."""
+    faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))

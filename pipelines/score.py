@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 import time
+from functools import partial
 
 import fsspec
 import numpy as np
@@ -42,7 +43,7 @@ from curate.scores import (
 from pipelines.config import Config, ConfigError, expand_globs, glob_any, join, save_config
 from pipelines.distributor import dask_client
 from pipelines.io import (
-    atomic_write,
+    atomic_open,
     exists,
     finished_shards,
     prepare_output,
@@ -55,7 +56,9 @@ from pipelines.io import (
 )
 from pipelines.score_tasks import column, embed_shard, load_teachers, score_shard, scored_embeddings
 
-SAMPLE_SEEDS = {"dn": 1, "bank": 2, "mixture": 3}  # offsets of the config seed: three independent samples
+SAMPLE_SEEDS = {"dn": 1, "bank": 2, "mixture": 3, "train": 4, "recall": 5}  # offsets of the config seed: independent samples
+TRAIN_SIZE = 100_000  # embeddings an approximate index is trained on
+RECALL_QUERIES = 500  # queries its recall against exact is measured on
 
 
 # ---------------------------------------------------------------- the driver
@@ -249,22 +252,95 @@ def neighbour_index(embed_paths: list[str], out: str, state: dict, cfg, seed: in
     """faiss indexes of the first teacher's image and text embeddings, built here, searched by every score task.
 
     exact: a flat index (brute force in BLAS); faiss: `faiss_index`, by default IVF + SQ8 (one byte
-    per dimension, for datasets where float32 vectors would not fit).
+    per dimension, for datasets where float32 vectors would not fit). Both are built shard by shard
+    (build_shard_index); the faiss one also reports its recall against exact on a seeded sample of queries.
     """
     if cfg.neighbours == 0:
         return {"method": "none"}
     method = cfg.neighbour_search
     if method == "auto":
         method = "exact" if state["n_scored"] <= cfg.exact_limit else "faiss"
-    search = {"method": method, "nprobe": cfg.nprobe, "factory": "Flat" if method == "exact" else cfg.faiss_index}
+    factory = "Flat" if method == "exact" else cfg.faiss_index
+    factory = nn.auto_factory(state["n_scored"]) if factory == "auto" else factory
+    search = {"method": method, "nprobe": cfg.nprobe, "factory": factory}
     for side in ("image", "text"):
-        embs, ids = zip(*(scored_embeddings(path, f"{side}_emb_0") for path in embed_paths))
-        index = nn.build_index(np.concatenate(embs).astype(np.float32), np.concatenate(ids), factory=search["factory"],
-                               seed=seed)
         search[side] = join(out, "_index", f"{side}.faiss")
-        atomic_write(search[side], nn.serialize_index(index))
+        recall = build_shard_index(embed_paths, partial(scored_embeddings, name=f"{side}_emb_0"), search[side], factory,
+                                   seed, k=cfg.neighbours, nprobe=cfg.nprobe)
+        if recall is not None:
+            search[f"{side}_recall"] = recall
         search[f"{side}_built"] = time.time_ns()  # workers keep an index read in an earlier run: this tells them apart
     return search
+
+
+def build_shard_index(shards: list[str], read, path: str, factory: str, seed: int, k: int = 16,
+                      nprobe: int = 32) -> dict | None:
+    """An index of every shard's embeddings (read(shard) -> (float (n, d), int64 ids)), written atomically to path,
+    holding one shard and the index in memory, never all embeddings at once.
+
+    Taken from autofaiss's build under a memory budget (build_index with current_memory_available): train the
+    empty index on a bounded sample of the embeddings, then stream every embedding in by batches
+    (add_with_ids). Not taken: its index-factory search and its partial indexes merged on disk; here the
+    factory is given, the training sample is the TRAIN_SIZE smallest seeded key ranks (curate.scores.key_ranks,
+    so it does not depend on shard order), and the index is streamed to its file, not serialized to bytes. "Flat" needs no training: shard by shard it holds the
+    same vectors under the same ids in the same order as a one-shot build, so the same bytes.
+
+    Resumable: the trained empty index is checkpointed beside path (written atomically); a build killed
+    after it restarts from it and adds every shard again, so the index is byte-identical to an uninterrupted
+    build, and path itself only ever appears complete. Returns, for a trained index, its recall@k
+    against exact on RECALL_QUERIES seeded queries (their exact neighbours found shard by shard), else None.
+    """
+    trained = path.removesuffix(".faiss") + ".trained.faiss"
+    index, queries, exact = None, None, None
+    if factory != "Flat":
+        samples = sample_shards(shards, read, {"train": (TRAIN_SIZE, seed + SAMPLE_SEEDS["train"]),
+                                               "recall": (RECALL_QUERIES, seed + SAMPLE_SEEDS["recall"])})
+        if exists(trained):
+            with fsspec.open(trained, "rb") as f:
+                index = nn.deserialize_index(f.read())
+        else:
+            index = nn.train_index(samples["train"][0], factory, seed)
+            with atomic_open(trained) as f:
+                nn.write_index(index, f)
+        del samples["train"]
+        queries = samples["recall"]
+        exact = (np.full((len(queries[1]), k), np.nan, np.float32), np.full((len(queries[1]), k), nn.PAD_ID, np.int64))
+    for shard in shards:
+        x, ids = read(shard)
+        if not len(ids):
+            continue
+        if index is None:
+            index = nn.train_index(x[:0], factory, seed)
+        nn.add(index, x, ids)
+        if queries is not None:
+            exact = nn.merge_topk(*exact, *nn.exact_topk(queries[0], x, k, query_ids=queries[1], base_ids=ids), k)
+    with atomic_open(path) as f:
+        nn.write_index(index, f)
+    if queries is None:
+        return None
+    found = nn.index_topk(index, queries[0], k, query_ids=queries[1], nprobe=nprobe)
+    return {"k": k, "queries": len(queries[1]), "recall": round(nn.recall_at_k(found[1], exact[1]), 4)}
+
+
+def sample_shards(shards: list[str], read, sizes: dict) -> dict:
+    """For each name, (size, seed): the rows of the `size` smallest seeded key ranks over all shards, as float32
+    (n, d) and int64 ids sorted by id; memory bounded by the sample sizes and one shard."""
+    kept = {name: (np.zeros(0, np.uint64), None, np.zeros(0, np.int64)) for name in sizes}
+    for shard in shards:
+        x, ids = read(shard)
+        keys = [str(i) for i in ids]
+        for name, (size, seed) in sizes.items():
+            ranks, rows, row_ids = kept[name]
+            ranks = np.concatenate([ranks, key_ranks(keys, seed)])
+            rows = x.astype(np.float32) if rows is None else np.concatenate([rows, x.astype(np.float32)])
+            row_ids = np.concatenate([row_ids, ids])
+            keep = np.sort(np.argsort(ranks, kind="stable")[:size])
+            kept[name] = (ranks[keep], rows[keep], row_ids[keep])
+    out = {}
+    for name, (_, rows, row_ids) in kept.items():
+        order = np.argsort(row_ids, kind="stable")
+        out[name] = (rows[order], row_ids[order])
+    return out
 
 
 # ---------------------------------------------------------------- summary
@@ -296,7 +372,8 @@ def summarize(config: Config, score_paths: list[str], state: dict, search: dict,
         "noise": {"estimated_rate": float(1 - clean_prob.mean()) if len(clean_prob) else None,
                   "noisy_component_weight": state["mixture"]["weights"][1],
                   "temperature_indicator": state["temperature_indicator"]},
-        "neighbours": {"k": state["k"], "method": search["method"]},
+        "neighbours": {"k": state["k"], "method": search["method"],
+                       **{f"{side}_recall": search[f"{side}_recall"] for side in ("image", "text") if f"{side}_recall" in search}},
         "seconds": {"total": round(total, 2), "wall": {k: round(v, 2) for k, v in wall.items()},
                     "tasks": {k: round(v, 2) for k, v in task_seconds.items()}},
         "pairs_per_second": round(pairs_per_s, 1) if pairs_per_s else None,

@@ -1,12 +1,14 @@
 """Nearest neighbours: exact_topk matches a brute-force argsort (self excluded, ties by smaller id), merging
 chunk results equals searching the whole base, padding fills short rows, and the faiss index finds most
-of the exact neighbours and survives a save/load."""
+of the exact neighbours and survives a save/load; built shard by shard, an index equals the one-shot
+one, and a build killed midway resumes to the same bytes."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from curate.neighbours import (
+    add,
     build_index,
     deserialize_index,
     exact_topk,
@@ -14,7 +16,9 @@ from curate.neighbours import (
     merge_topk,
     recall_at_k,
     serialize_index,
+    train_index,
 )
+from pipelines.score import RECALL_QUERIES, SAMPLE_SEEDS, TRAIN_SIZE, build_shard_index, sample_shards
 
 
 def reference(queries, base, k, query_ids=None, base_ids=None):
@@ -120,3 +124,77 @@ def test_index_recall_and_serialization():
     assert loaded.ntotal == len(base)
     again = index_topk(loaded, base[qids], 16, query_ids=qids)
     assert sims.tobytes() == again[0].tobytes() and ids.tobytes() == again[1].tobytes()
+
+
+# ---------------------------------------------------------------- built shard by shard (pipelines.score)
+def shard_reader(base, bounds):
+    """Shards named by their row range; read gives (embeddings, ids) as scored_embeddings does."""
+    shards = [f"{a}:{b}" for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def read(shard):
+        a, b = map(int, shard.split(":"))
+        return base[a:b], np.arange(a, b, dtype=np.int64) * 7  # ids are not row numbers
+    return shards, read
+
+
+def test_exact_index_by_shard_has_the_bytes_of_the_one_shot_index(tmp_path):
+    base = clustered(3000, 32, 20, seed=6).astype(np.float64)
+    shards, read = shard_reader(base, [0, 700, 700, 2100, 3000])  # an empty shard too
+    assert build_shard_index(shards, read, str(tmp_path / "x.faiss"), "Flat", seed=0) is None
+    one_shot = build_index(base.astype(np.float32), np.arange(3000) * 7, factory="Flat")
+    assert (tmp_path / "x.faiss").read_bytes() == serialize_index(one_shot)
+
+
+def test_ivf_index_by_shard_equals_one_shot_on_the_same_sample(tmp_path):
+    base = clustered(20_000, 64, 200, seed=7)
+    shards, read = shard_reader(base, [0, 5000, 12000, 20000])
+    factory = "IVF64,SQ8"
+    recall = build_shard_index(shards, read, str(tmp_path / "x.faiss"), factory, seed=3)
+    by_shard = deserialize_index((tmp_path / "x.faiss").read_bytes())
+    sample = sample_shards(shards, read, {"train": (TRAIN_SIZE, 3 + SAMPLE_SEEDS["train"])})["train"]
+    one_shot = train_index(sample[0], factory, seed=3)
+    add(one_shot, base, np.arange(len(base)) * 7)
+    assert serialize_index(by_shard) == serialize_index(one_shot)
+    # the reported recall is the one measured here on the same queries
+    queries = sample_shards(shards, read, {"recall": (RECALL_QUERIES, 3 + SAMPLE_SEEDS["recall"])})["recall"]
+    _, true_ids = exact_topk(queries[0], base, 16, query_ids=queries[1], base_ids=np.arange(len(base)) * 7)
+    _, ids = index_topk(by_shard, queries[0], 16, query_ids=queries[1])
+    assert recall == {"k": 16, "queries": RECALL_QUERIES, "recall": round(recall_at_k(ids, true_ids), 4)}
+    assert recall["recall"] >= 0.95, recall
+
+
+KILLED_BUILD = """
+import os, signal, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+from test_neighbours import clustered, shard_reader
+from pipelines.score import build_shard_index
+base = clustered(6000, 32, 40, seed=8)
+shards, read = shard_reader(base, [0, 2000, 4000, 6000])
+calls = []
+def reading(shard):  # sampling reads the 3 shards, then adding them: die on reading the second one to add
+    calls.append(shard)
+    if len(calls) == 5 and {kill}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return read(shard)
+build_shard_index(shards, reading, sys.argv[1], "IVF16,SQ8", seed=0)
+"""
+
+
+def test_killed_build_resumes_to_the_uninterrupted_index(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def run(path, kill):
+        script = KILLED_BUILD.format(tests=os.path.dirname(__file__), kill=kill)
+        return subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True)
+
+    whole = tmp_path / "whole" / "image.faiss"
+    assert run(whole, False).returncode == 0, "uninterrupted build failed"
+    killed = tmp_path / "killed" / "image.faiss"
+    assert run(killed, True).returncode == -9
+    assert not killed.exists()  # nothing that looks complete
+    assert (tmp_path / "killed" / "image.trained.faiss").exists()  # the checkpoint it resumes from
+    assert run(killed, False).returncode == 0
+    assert killed.read_bytes() == whole.read_bytes()

@@ -199,6 +199,10 @@ def test_training_dynamics_sentence_teacher_and_faiss(scored, tmp_path):
     approx = pl.read_parquet(tmp_path / "faiss" / "0*.parquet")["image_nn_keys"].to_list()
     recall = np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(approx, exact)])
     assert recall >= 0.9
+    # the summary's recall, on its bounded sample of queries, is close to this one over every row
+    reported = approx_first["neighbours"]["image_recall"]
+    assert reported["k"] == 16 and reported["queries"] == 500
+    assert abs(reported["recall"] - recall) < 0.05, (reported, recall)
 
 
 def add_bad_samples(tar_path):
