@@ -51,6 +51,14 @@ def read_parquet(path: str, columns: list[str] | None = None) -> pl.DataFrame:
         return pl.read_parquet(f, columns=columns)
 
 
+def scan_parquet(path: str, columns: list[str]) -> pl.LazyFrame:
+    """`columns` of a parquet file, lazily: polars scans local files itself (reading only what a query
+    needs); other filesystems go through fsspec, the file's `columns` read whole."""
+    if is_local(path):
+        return pl.scan_parquet(fsspec.core.url_to_fs(path)[1]).select(columns)
+    return read_parquet(path, columns).lazy()
+
+
 def write_parquet(path: str, df: pl.DataFrame) -> None:
     with atomic_open(path) as f:
         df.write_parquet(f)
@@ -97,9 +105,7 @@ def scan_scores(config: Config, columns: list[str] = SCORE_COLUMNS) -> tuple[pl.
         if not exists(path):
             missing.append(name)
             continue
-        # polars scans local files itself; other filesystems go through fsspec, one file at a time
-        frame = pl.scan_parquet(fsspec.core.url_to_fs(path)[1]) if is_local(path) else read_parquet(path, columns).lazy()
-        frames.append(frame.select(columns).with_columns(shard=pl.lit(name)))
+        frames.append(scan_parquet(path, columns).with_columns(shard=pl.lit(name)))
     if not frames:
         raise ConfigError(f"no scores in {config.score_dir()} for the {len(names)} shards; run the score stage first")
     return pl.concat(frames), names, missing

@@ -1,19 +1,23 @@
-"""The streamed curate against the eager one it replaced: the same keep.parquet, byte for byte, on a
-synthetic scores root with failures, ties, missing values and near-duplicate clusters across shards.
-The eager reference (the whole scores table in memory, Python dicts over the keys) is kept here."""
+"""The streamed curate and score summary against the eager ones they replaced: the same keep.parquet,
+byte for byte, and the same summary, on a synthetic scores root with failures, ties, missing values
+and near-duplicate clusters across shards. The eager references (the whole scores table in memory,
+Python lists and dicts over the rows) are kept here."""
 
 import json
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pytest
 from conftest import config_for
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from curate.policies import apply_policy, duplicate_clusters
+from curate.scores import NOISY_WHEN, auroc, detection_report
 from pipelines.curate import run_curate
-from pipelines.io import SCORE_COLUMNS, write_parquet
+from pipelines.io import SCORE_COLUMNS, read_table, read_truth, with_truth, write_parquet
+from pipelines.score import summarize
 
 PER_SHARD, SHARDS, K = 300, 3, 4
 
@@ -96,12 +100,14 @@ def root(tmp_path_factory):
             "error": ["empty caption" if f else None for f in failed], "cosine": np.where(failed, np.nan, cosine),
             "dn_score": np.where(failed, np.nan, cosine - 0.1), "loss": -np.log(clean_prob + 1e-3),
             "clean_prob": pl.Series(np.where(failed, np.nan, clean_prob)).fill_nan(None),
-            "image_nn_keys": nn, "image_nn_sims": sims, "text_nn_keys": nn[::-1], "text_nn_sims": sims[::-1]},
+            "loss_by_checkpoint": rng.normal(5, 1, (PER_SHARD, 2)).astype(np.float32).tolist(), "image_nn_keys": nn, "image_nn_sims": sims, "text_nn_keys": nn[::-1], "text_nn_sims": sims[::-1]},
             schema_overrides={"error": pl.String, "cosine": pl.Float32, "dn_score": pl.Float32, "loss": pl.Float32,
-                              "clean_prob": pl.Float32, "image_nn_sims": pl.List(pl.Float32),
+                              "clean_prob": pl.Float32, "loss_by_checkpoint": pl.List(pl.Float32), "image_nn_sims": pl.List(pl.Float32),
                               "text_nn_sims": pl.List(pl.Float32)})
         table = table.with_columns(pl.col("cosine", "dn_score").fill_nan(None))
         table.write_parquet(root / "scores" / f"{shard:05d}.parquet")
+    pl.DataFrame({"key": keys, "noisy": rng.random(n) < 0.3, "noise_type": rng.choice(["swap", "blur"], n)}
+                 ).write_parquet(root / "truth.parquet")
     (root / "shards" / "_summary.json").write_text(json.dumps({"shards": [f"{s:05d}.tar" for s in range(SHARDS)]}))
     return root
 
@@ -137,3 +143,42 @@ def test_apply_policy_on_the_whole_table_equals_the_reference(root):
     scores = pl.concat([pl.read_parquet(p) for p in sorted((root / "scores").glob("*.parquet"))])
     steps = [{"kind": "clean_prob", "min": 0.3}, {"kind": "dedup", "side": "image", "min_sim": 0.95}]
     assert apply_policy(scores, steps).equals(reference_policy(scores, steps))
+
+
+def reference_summary_rows(config, score_paths, teacher):
+    """The table-derived parts of the eager summarize: counts, failures by reason, noise rate, detection."""
+    names = ["key", "row", "status", "error", "cosine", "dn_score", "loss", "clean_prob"]
+    table = pa.concat_tables([read_table(p, names + (["loss_by_checkpoint"] if len(teacher["checkpoints"]) > 1 else []))
+                              for p in score_paths])
+    ok = np.asarray(table["status"].to_pylist()) == "scored"
+    clean_prob = table["clean_prob"].to_numpy(zero_copy_only=False)[ok]
+    errors = [e for e in table["error"].to_pylist() if e]
+    scored = pl.from_arrow(table).filter(pl.col("status") == "scored")
+    known = with_truth(config, scored, read_truth(config.truth)).filter(pl.col("noisy").is_not_null())
+    noisy, kinds = known["noisy"].to_numpy(), known["noise_type"].to_numpy()
+    detection = {"truth": config.truth, **detection_report(noisy, kinds, {n: known[n].to_numpy() for n in NOISY_WHEN})}
+    per = np.asarray(known["loss_by_checkpoint"].to_list())
+    detection["auroc_by_checkpoint"] = [
+        {"checkpoint": c, "loss": auroc(noisy, per[:, j]),
+         "by_kind": {kind: auroc(noisy[(kinds == kind) | ~noisy], per[(kinds == kind) | ~noisy, j]) for kind in detection["by_kind"]}}
+        for j, c in enumerate(teacher["checkpoints"])]
+    return {"counts": {"samples": len(table), "scored": int(ok.sum()), "failed": int((~ok).sum()),
+                       "failed_by_reason": {r: errors.count(r) for r in sorted(set(errors))}},
+            "estimated_rate": float(1 - clean_prob.mean()), "pairs_per_second": round(len(table) / 2.0, 1),
+            "detection": detection}
+
+
+def test_streamed_score_summary_equals_the_eager_one(root):
+    config = config_for(root, f"truth={root / 'truth.parquet'}")
+    paths = [str(p) for p in sorted((root / "scores").glob("*.parquet"))]
+    teacher = {"model": "synthetic", "checkpoints": ["a.pt", "b.pt"], "loss_rule": "early", "epochs": [1, 2],
+               "digests": [], "sentence_teacher": None}
+    state = {"checkpoints": [{"scale": 50.0, "mu_v": np.zeros(2), "mu_t": np.zeros(2)}], "averaged": [0, 1],
+             "noise_by_epoch": {}, "lambda": 1.0, "bank_keys": [], "sample_sizes": {}, "k": K,
+             "mixture": {"weights": [0.7, 0.3]}, "temperature_indicator": 0.1}
+    summary = summarize(config, paths, state, {"method": "exact"}, teacher, {"embed": 2.0}, {})
+    reference = reference_summary_rows(config, paths, teacher)
+    assert summary["counts"] == reference["counts"] and summary["counts"]["failed_by_reason"]
+    assert summary["noise"]["estimated_rate"] == reference["estimated_rate"]
+    assert summary["pairs_per_second"] == reference["pairs_per_second"]
+    assert summary["detection"] == reference["detection"] and len(summary["detection"]["auroc_by_checkpoint"]) == 2
