@@ -15,8 +15,9 @@ from scipy.sparse.csgraph import connected_components
 
 from curate.policies import apply_policy, duplicate_clusters
 from curate.scores import NOISY_WHEN, auroc, detection_report
+from pipelines import audit
 from pipelines.curate import run_curate
-from pipelines.io import SCORE_COLUMNS, read_table, read_truth, with_truth, write_parquet
+from pipelines.io import SCORE_COLUMNS, read_parquet, read_scores, read_table, read_truth, with_truth, write_parquet
 from pipelines.score import summarize
 
 PER_SHARD, SHARDS, K = 300, 3, 4
@@ -106,6 +107,10 @@ def root(tmp_path_factory):
                               "text_nn_sims": pl.List(pl.Float32)})
         table = table.with_columns(pl.col("cosine", "dn_score").fill_nan(None))
         table.write_parquet(root / "scores" / f"{shard:05d}.parquet")
+        hosts = rng.choice(["a.example.com", "b.example.org", "c.example.net"], PER_SHARD)
+        pl.DataFrame({"key": keys[rows], "url": [f"http://{h}/{i % 40}.jpg" for h, i in zip(hosts, rows)],
+                      "caption": [f"caption {i}" for i in rng.integers(0, 30, PER_SHARD)], "status": ["success"] * PER_SHARD}
+                     ).write_parquet(root / "shards" / f"{shard:05d}.parquet")
     pl.DataFrame({"key": keys, "noisy": rng.random(n) < 0.3, "noise_type": rng.choice(["swap", "blur"], n)}
                  ).write_parquet(root / "truth.parquet")
     (root / "shards" / "_summary.json").write_text(json.dumps({"shards": [f"{s:05d}.tar" for s in range(SHARDS)]}))
@@ -182,3 +187,58 @@ def test_streamed_score_summary_equals_the_eager_one(root):
     assert summary["noise"]["estimated_rate"] == reference["estimated_rate"]
     assert summary["pairs_per_second"] == reference["pairs_per_second"]
     assert summary["detection"] == reference["detection"] and len(summary["detection"]["auroc_by_checkpoint"]) == 2
+
+
+def reference_shard_rows(config, scores, names):
+    shard_rows = pl.concat([read_parquet(f"{config.shard_dir()}/{name}.parquet", ["key", "url", "caption"]) for name in names])
+    return scores.join(shard_rows, on="key", how="left").with_columns(
+        source=pl.col("url").str.extract(r"^[a-zA-Z][a-zA-Z0-9+.-]*://([^/:?#]+)", 1).fill_null("unknown"))
+
+
+def reference_galleries(scored, size, duplicate_sim):
+    fields = ["key", "caption", "url", "clean_prob", "cosine"]
+    galleries = {
+        "mismatches": scored.sort("clean_prob", "key").head(size).select(fields).to_dicts(),
+        "cleanest": scored.sort("clean_prob", "key", descending=[True, False]).head(size).select(fields).to_dicts(),
+        "borderline": scored.with_columns(gap=(pl.col("clean_prob") - 0.5).abs()).sort("gap", "key").head(size)
+                            .select(fields).to_dicts(),
+    }
+    for side, name, differ in (("image", "duplicate_images", "caption"), ("text", "duplicate_captions", "url")):
+        by_key = {row["key"]: row for row in scored.select(fields).iter_rows(named=True)}
+        anchors = (scored.select("key", differ, nn=pl.col(f"{side}_nn_keys"), sims=pl.col(f"{side}_nn_sims"))
+                   .with_columns(top=pl.col("sims").list.first()).filter(pl.col("top") >= duplicate_sim)
+                   .sort("top", "key", descending=[True, False]))
+        shown, groups, wanted = set(), [], max(1, size // 2)
+        for anchor in anchors.iter_rows(named=True):
+            if len({g["group"] for g in groups}) >= wanted:
+                break
+            if anchor["key"] in shown:
+                continue
+            members = [k for k, sim in zip(anchor["nn"], anchor["sims"]) if sim >= duplicate_sim and k in by_key and k not in shown]
+            members = [k for k in members if by_key[k][differ] != anchor[differ]][:3]
+            if not members:
+                continue
+            for key in [anchor["key"], *members]:
+                shown.add(key)
+                groups.append({**by_key[key], "group": anchor["key"]})
+        galleries[name] = groups
+    return galleries
+
+
+@pytest.mark.parametrize("size, duplicate_sim", [(12, 0.98), (40, 0.9)])
+def test_streamed_audit_facts_and_galleries_equal_the_eager_ones(root, tmp_path, size, duplicate_sim):
+    config = config_for(root, f"truth={root / 'truth.parquet'}", f"audit.output={tmp_path / 'audit'}",
+                        "curate.policy=[{kind: clean_prob, min: 0.4}, {kind: dedup, side: image, min_sim: 0.98}]")
+    facts = audit.run_audit(config)
+    scores, names, _ = read_scores(config)
+    table = with_truth(config, reference_shard_rows(config, scores, names), read_truth(config.truth))
+    scored = table.filter(pl.col("status") == "scored")
+    assert facts["counts"] == audit.count_facts(config, table)
+    assert facts["policies"] == audit.policy_facts(table, config) and facts["policies"][1]["kept"] < len(table)
+    assert facts["sources"] == audit.source_facts(scored)
+    assert facts["noise"] == audit.noise_facts(scored, {}, config.audit.bootstrap, config.seed)
+    assert facts["detection"] == audit.detection_facts(scored.filter(pl.col("noisy").is_not_null()), config.audit.threshold)
+    frame, names, _ = audit.scan_scores(config)
+    streamed = audit.gallery_facts(config, names, frame, scored.drop("url", "caption"), size, duplicate_sim)
+    reference = reference_galleries(scored, size, duplicate_sim)
+    assert streamed == reference and reference["duplicate_images"] and reference["duplicate_captions"]
