@@ -210,14 +210,15 @@ def duplicate_groups(config: Config, names: list[str], frame: pl.LazyFrame, scor
     similarity graph chains unrelated pairs into one giant component, which shows nothing. Anchors
     are taken in order, `batch` at a time, with the fields of them and their neighbours alone.
     """
-    anchors = (frame.select("key", nn=pl.col(f"{side}_nn_keys"), sims=pl.col(f"{side}_nn_sims"))
-               .with_columns(top=pl.col("sims").list.first()).filter(pl.col("top") >= min_sim)
-               .sort("top", "key", descending=[True, False]).collect(engine="streaming"))
+    lists = frame.select("key", nn=pl.col(f"{side}_nn_keys"), sims=pl.col(f"{side}_nn_sims"))
+    order = (lists.select("key", top=pl.col("sims").list.first()).filter(pl.col("top") >= min_sim)
+             .sort("top", "key", descending=[True, False]).collect(engine="streaming"))
     shown: set[str] = set()
     groups: list[dict] = []
     wanted = max(1, size // 2)
-    for start in range(0, len(anchors), batch):
-        chunk = anchors.slice(start, batch)
+    for start in range(0, len(order), batch):
+        keys = order.slice(start, batch).select("key").with_row_index("at")
+        chunk = lists.join(keys.lazy(), on="key").sort("at").drop("at").collect(engine="streaming")
         near = chunk.select("nn", "sims").explode("nn", "sims").filter(pl.col("sims") >= min_sim)["nn"]
         by_key = card_fields(config, names, scored, pl.concat([chunk["key"], near]))
         for anchor in chunk.iter_rows(named=True):

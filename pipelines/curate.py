@@ -87,13 +87,17 @@ def export_shards(config: Config, decisions: pl.DataFrame, scores: pl.DataFrame,
     kept = decisions.filter(pl.col("keep"))
     n_shards = math.ceil(len(kept) / cfg.samples_per_shard)
     sizes = [len(kept) // n_shards + (i < len(kept) % n_shards) for i in range(n_shards)]
-    fields = scores.select(EXPORTED).join(decisions.select("key", "weight"), on="key")
-    by_key = {row["key"]: row for row in fields.iter_rows(named=True)}
-    decision = dict(zip(decisions["key"].to_list(), decisions["reason"].to_list()))
+    fields = scores.select(*EXPORTED, "shard").join(decisions.select("key", "weight"), on="key")
+    # one shard's decisions and fields at a time as Python objects
+    fields = fields.partition_by("shard", as_dict=True, include_key=False)
+    parts = decisions.select("shard", "key", "reason").partition_by("shard", as_dict=True, include_key=False)
     curated = Writer(out, sizes)
     pools = {"images": Writer(join(out, "unpaired_images"), None, cfg.samples_per_shard),
              "texts": Writer(join(out, "unpaired_texts"), None, cfg.samples_per_shard)}
     for name in names:
+        part = parts.get((name,), pl.DataFrame(schema={"key": pl.String, "reason": pl.String}))
+        decision = dict(zip(part["key"].to_list(), part["reason"].to_list()))
+        by_key = {row["key"]: row for row in fields[(name,)].iter_rows(named=True)} if (name,) in fields else {}
         for sample in read_shard(join(config.shard_dir(), name + ".tar")):
             key = sample["__key__"]
             if key not in decision:
