@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -72,11 +74,41 @@ def timed(fn, *args, **kw) -> float:
     return time.perf_counter() - start
 
 
+STAGES = {"audit": "from pipelines.audit import run_audit as run; overrides = []",
+          "curate": "from pipelines.curate import run_curate as run; overrides = []",
+          "curate + dedup": "from pipelines.curate import run_curate as run; overrides = ['curate.policy=["
+                            "{kind: clean_prob, min: 0.5}, {kind: dedup, side: image, min_sim: 0.99}]']"}
+
+
+def memory(n: int, trees: list[str]) -> None:
+    """Each stage alone in a new interpreter: its peak RSS (the process's own high-water mark), the
+    high-water mark after the imports alone, and seconds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        synthetic(Path(tmp), n)
+        for stage, imports in STAGES.items():
+            for tree in trees:
+                code = (f"import resource, sys, time; {imports}\nfrom pipelines.config import load_config\n"
+                        "floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+                        f"start = time.perf_counter(); run(load_config(None, ['root={tmp}', *overrides]))\n"
+                        "print(floor, time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+                out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                     env={**os.environ, "PYTHONPATH": tree})
+                floor, seconds, peak = map(float, out.stdout.split()[-3:])
+                print(f"{n:>9} pairs  {stage:<15} {seconds:>6.1f} s  peak RSS {peak:>7.0f} MiB "
+                      f"(imports {floor:.0f} MiB)  {tree}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--config", default="configs/demo.yaml", help="for the export: its demo shards and scores")
+    parser.add_argument("--memory", type=int, metavar="N",
+                        help="instead: peak RSS of each stage in a fresh process on N synthetic pairs")
+    parser.add_argument("--code", nargs="+", default=[str(Path(__file__).resolve().parents[1])],
+                        help="with --memory: the source trees to run the stages from, in turn (e.g. another checkout)")
     args = parser.parse_args()
+    if args.memory:
+        return memory(args.memory, args.code)
     print(f"{'pairs':>9} {'audit s':>8} {'curate s':>9} {'dedup curate s':>15} {'peak RSS MiB':>13}")
     for n in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:

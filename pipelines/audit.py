@@ -22,22 +22,25 @@ from pipelines.io import (
     atomic_write,
     exists,
     read_json,
-    read_parquet,
-    read_scores,
     read_shard,
     read_truth,
     record_stage,
+    scan_parquet,
+    scan_scores,
     with_truth,
     write_json,
 )
 
 THUMBNAIL = 112
+SCALARS = ["key", "row", "status", "error", "cosine", "dn_score", "loss", "clean_prob"]
 
 
 def run_audit(config: Config) -> dict:
     cfg = config.audit
-    scores, names, missing = read_scores(config)
-    table = with_shard_rows(config, scores, names)
+    frame, names, missing = scan_scores(config)
+    # the scalar columns and each pair's source; neighbour lists and captions are read for the few pairs shown
+    scores = frame.select(*SCALARS, "shard").collect(engine="streaming")
+    table = with_sources(config, scores, names)
     summary = read_json(join(config.score_dir(), "_summary.json"), {})
     truth = read_truth(config.truth)
     if truth is not None:
@@ -48,7 +51,7 @@ def run_audit(config: Config) -> dict:
         "teacher": summary.get("teacher"),
         "noise": noise_facts(scored, summary, cfg.bootstrap, config.seed),
         "counts": count_facts(config, table),
-        "policies": policy_facts(table, config),
+        "policies": policy_facts(table, config, frame),
         "sources": source_facts(scored),
         "missing_scores": missing,
         "warnings": [],
@@ -58,7 +61,7 @@ def run_audit(config: Config) -> dict:
         facts["detection"] = detection_facts(known, cfg.threshold)
     if len(scored) == 0:
         facts["warnings"].append("no pair could be scored: every figure below is empty")
-    galleries = gallery_facts(scored, cfg.gallery_size, cfg.duplicate_sim)
+    galleries = gallery_facts(config, names, frame, scored, cfg.gallery_size, cfg.duplicate_sim)
     thumbs = thumbnails(config, {item["key"] for items in galleries.values() for item in items})
     figures = report.histograms(scored, summary.get("mixture"))
     figures["policies"] = report.policy_curves(policy_curves(scored))
@@ -75,12 +78,16 @@ def run_audit(config: Config) -> dict:
     return facts
 
 
-def with_shard_rows(config: Config, scores: pl.DataFrame, names: list[str]) -> pl.DataFrame:
-    """Scores joined with each sample's url and caption from its shard's parquet, and its source (url host)."""
-    shard_rows = pl.concat([read_parquet(join(config.shard_dir(), name + ".parquet"), ["key", "url", "caption"])
-                            for name in names])
-    return scores.join(shard_rows, on="key", how="left").with_columns(
-        source=pl.col("url").str.extract(r"^[a-zA-Z][a-zA-Z0-9+.-]*://([^/:?#]+)", 1).fill_null("unknown"))
+def shard_rows(config: Config, names: list[str], columns: list[str]) -> pl.LazyFrame:
+    return pl.concat([scan_parquet(join(config.shard_dir(), name + ".parquet"), columns) for name in names])
+
+
+def with_sources(config: Config, scores: pl.DataFrame, names: list[str]) -> pl.DataFrame:
+    """Scores with each sample's source (its url's host, from its shard's parquet)."""
+    sources = shard_rows(config, names, ["key", "url"]).select(
+        "key", source=pl.col("url").str.extract(r"^[a-zA-Z][a-zA-Z0-9+.-]*://([^/:?#]+)", 1))
+    return (scores.lazy().join(sources, on="key", how="left", maintain_order="left")
+            .with_columns(pl.col("source").fill_null("unknown")).collect(engine="streaming"))
 
 
 def noise_facts(scored: pl.DataFrame, summary: dict, resamples: int, seed: int) -> dict:
@@ -114,13 +121,13 @@ def count_facts(config: Config, table: pl.DataFrame) -> dict:
             "reconciled": input_rows == scored + failed + counts.get("failures", 0), "failures_by_reason": failures}
 
 
-def policy_facts(table: pl.DataFrame, config: Config) -> list[dict]:
+def policy_facts(table: pl.DataFrame, config: Config, neighbours: pl.LazyFrame | None = None) -> list[dict]:
     """What the configured policy, and each of its steps alone, would keep."""
     steps = [step.model_dump(exclude_defaults=True) for step in config.curate.policy]
     rows = []
     for label, setting, chosen in [*((s["kind"], describe(s), [s]) for s in steps),
                                    *((("all steps together", "", steps),) if len(steps) > 1 else ())]:
-        kept = int(apply_policy(table, chosen)["keep"].sum())
+        kept = int(apply_policy(table, chosen, neighbours)["keep"].sum())
         rows.append({"policy": label, "threshold": setting, "kept": kept, "kept_fraction": kept / len(table) if len(table) else 0.0})
     return rows
 
@@ -169,46 +176,63 @@ def detection_facts(known: pl.DataFrame, threshold: float) -> dict:
     return {"threshold": threshold, "flagged": flagged, "noisy": int(noisy.sum()), "pairs": len(known), "rows": rows}
 
 
-def gallery_facts(scored: pl.DataFrame, size: int, duplicate_sim: float) -> dict[str, list[dict]]:
-    fields = ["key", "caption", "url", "clean_prob", "cosine"]
-    ordered = scored.sort("clean_prob", "key")
-    galleries = {
-        "mismatches": ordered.head(size).select(fields).to_dicts(),
-        "cleanest": scored.sort("clean_prob", "key", descending=[True, False]).head(size).select(fields).to_dicts(),
-        "borderline": scored.with_columns(gap=(pl.col("clean_prob") - 0.5).abs()).sort("gap", "key").head(size)
-                            .select(fields).to_dicts(),
+FIELDS = ["key", "caption", "url", "clean_prob", "cosine"]  # a gallery card's
+
+
+def gallery_facts(config: Config, names: list[str], frame: pl.LazyFrame, scored: pl.DataFrame, size: int,
+                  duplicate_sim: float) -> dict[str, list[dict]]:
+    picked = {
+        "mismatches": scored.sort("clean_prob", "key").head(size),
+        "cleanest": scored.sort("clean_prob", "key", descending=[True, False]).head(size),
+        "borderline": scored.with_columns(gap=(pl.col("clean_prob") - 0.5).abs()).sort("gap", "key").head(size),
     }
+    by_key = card_fields(config, names, scored, pl.concat([p["key"] for p in picked.values()]))
+    galleries = {name: [by_key[k] for k in rows["key"]] for name, rows in picked.items()}
+    anchors = frame.filter(pl.col("status") == "scored")
     for side, name, differ in (("image", "duplicate_images", "caption"), ("text", "duplicate_captions", "url")):
-        galleries[name] = duplicate_groups(scored, side, differ, duplicate_sim, size)
+        galleries[name] = duplicate_groups(config, names, anchors, scored, side, differ, duplicate_sim, size)
     return galleries
 
 
-def duplicate_groups(scored: pl.DataFrame, side: str, differ: str, min_sim: float, size: int) -> list[dict]:
+def card_fields(config: Config, names: list[str], scored: pl.DataFrame, keys: pl.Series) -> dict[str, dict]:
+    """The gallery fields of the scored pairs among `keys`, by key (caption and url from the shards' parquet)."""
+    wanted = scored.select("key", "clean_prob", "cosine").filter(pl.col("key").is_in(keys.implode()))
+    rows = shard_rows(config, names, ["key", "caption", "url"]).filter(pl.col("key").is_in(wanted["key"].implode()))
+    cards = wanted.lazy().join(rows, on="key", how="left").select(FIELDS).collect(engine="streaming")
+    return {row["key"]: row for row in cards.iter_rows(named=True)}
+
+
+def duplicate_groups(config: Config, names: list[str], frame: pl.LazyFrame, scored: pl.DataFrame, side: str,
+                     differ: str, min_sim: float, size: int, batch: int = 256) -> list[dict]:
     """Near-duplicate groups to show: each anchor with its neighbours at >= min_sim whose `differ` field differs.
 
     Star groups around the closest anchors, not connected components: with a weak teacher the
-    similarity graph chains unrelated pairs into one giant component, which shows nothing.
+    similarity graph chains unrelated pairs into one giant component, which shows nothing. Anchors
+    are taken in order, `batch` at a time, with the fields of them and their neighbours alone.
     """
-    fields = ["key", "caption", "url", "clean_prob", "cosine"]
-    by_key = {row["key"]: row for row in scored.select(fields).iter_rows(named=True)}
-    anchors = (scored.select("key", differ, nn=pl.col(f"{side}_nn_keys"), sims=pl.col(f"{side}_nn_sims"))
-               .with_columns(top=pl.col("sims").list.first()).filter(pl.col("top") >= min_sim)
-               .sort("top", "key", descending=[True, False]))
+    lists = frame.select("key", nn=pl.col(f"{side}_nn_keys"), sims=pl.col(f"{side}_nn_sims"))
+    order = (lists.select("key", top=pl.col("sims").list.first()).filter(pl.col("top") >= min_sim)
+             .sort("top", "key", descending=[True, False]).collect(engine="streaming"))
     shown: set[str] = set()
     groups: list[dict] = []
     wanted = max(1, size // 2)
-    for anchor in anchors.iter_rows(named=True):
-        if len({g["group"] for g in groups}) >= wanted:
-            break
-        if anchor["key"] in shown:
-            continue
-        members = [k for k, sim in zip(anchor["nn"], anchor["sims"]) if sim >= min_sim and k in by_key and k not in shown]
-        members = [k for k in members if by_key[k][differ] != anchor[differ]][:3]
-        if not members:
-            continue
-        for key in [anchor["key"], *members]:
-            shown.add(key)
-            groups.append({**by_key[key], "group": anchor["key"]})
+    for start in range(0, len(order), batch):
+        keys = order.slice(start, batch).select("key").with_row_index("at")
+        chunk = lists.join(keys.lazy(), on="key").sort("at").drop("at").collect(engine="streaming")
+        near = chunk.select("nn", "sims").explode("nn", "sims").filter(pl.col("sims") >= min_sim)["nn"]
+        by_key = card_fields(config, names, scored, pl.concat([chunk["key"], near]))
+        for anchor in chunk.iter_rows(named=True):
+            if len({g["group"] for g in groups}) >= wanted:
+                return groups
+            if anchor["key"] in shown:
+                continue
+            members = [k for k, sim in zip(anchor["nn"], anchor["sims"]) if sim >= min_sim and k in by_key and k not in shown]
+            members = [k for k in members if by_key[k][differ] != by_key[anchor["key"]][differ]][:3]
+            if not members:
+                continue
+            for key in [anchor["key"], *members]:
+                shown.add(key)
+                groups.append({**by_key[key], "group": anchor["key"]})
     return groups
 
 

@@ -20,32 +20,36 @@ import numpy as np
 import polars as pl
 import webdataset as wds
 
-from curate.policies import apply_policy
+from curate.policies import apply_policy, policy_columns
 from pipelines.config import Config, join
 from pipelines.io import (
     TMP,
     atomic_open,
     prepare_output,
     read_parquet,
-    read_scores,
     read_shard,
     record_stage,
+    scan_scores,
     write_json,
     write_parquet,
 )
 
 MISMATCH = ("clean_prob", "cosine", "dn_score")  # reasons that say the caption does not fit the image
+EXPORTED = ("key", "cosine", "dn_score", "loss", "clean_prob")  # the score fields an exported sample carries
 CAPTION_ERRORS = ("empty caption", "caption is not UTF-8", "no caption in the sample")
 
 
 def run_curate(config: Config, export: bool | None = None) -> dict:
     cfg = config.curate
     out = config.curate_dir()
-    scores, names, missing = read_scores(config)
+    frame, names, missing = scan_scores(config)
     if missing:
         print(f"curate: WARNING: no scores for {len(missing)} shard(s) ({', '.join(missing)}): their samples are left out")
     steps = [step.model_dump(exclude_defaults=True) for step in cfg.policy]
-    decisions = apply_policy(scores, steps).with_columns(shard=scores["shard"])
+    # scalar columns only: the neighbour lists (most of a scores file) are streamed by a dedup step
+    columns = sorted({*policy_columns(steps), *EXPORTED, "shard"})
+    scores = frame.select(columns).collect(engine="streaming")
+    decisions = apply_policy(scores, steps, frame).with_columns(shard=scores["shard"])
     prepare_output(out, "curate")
     write_parquet(join(out, "keep.parquet"), decisions.drop("shard"))
     kept = int(decisions["keep"].sum())
@@ -83,13 +87,17 @@ def export_shards(config: Config, decisions: pl.DataFrame, scores: pl.DataFrame,
     kept = decisions.filter(pl.col("keep"))
     n_shards = math.ceil(len(kept) / cfg.samples_per_shard)
     sizes = [len(kept) // n_shards + (i < len(kept) % n_shards) for i in range(n_shards)]
-    fields = scores.select("key", "cosine", "dn_score", "loss", "clean_prob").join(decisions.select("key", "weight"), on="key")
-    by_key = {row["key"]: row for row in fields.iter_rows(named=True)}
-    decision = dict(zip(decisions["key"].to_list(), decisions["reason"].to_list()))
+    fields = scores.select(*EXPORTED, "shard").join(decisions.select("key", "weight"), on="key")
+    # one shard's decisions and fields at a time as Python objects
+    fields = fields.partition_by("shard", as_dict=True, include_key=False)
+    parts = decisions.select("shard", "key", "reason").partition_by("shard", as_dict=True, include_key=False)
     curated = Writer(out, sizes)
     pools = {"images": Writer(join(out, "unpaired_images"), None, cfg.samples_per_shard),
              "texts": Writer(join(out, "unpaired_texts"), None, cfg.samples_per_shard)}
     for name in names:
+        part = parts.get((name,), pl.DataFrame(schema={"key": pl.String, "reason": pl.String}))
+        decision = dict(zip(part["key"].to_list(), part["reason"].to_list()))
+        by_key = {row["key"]: row for row in fields[(name,)].iter_rows(named=True)} if (name,) in fields else {}
         for sample in read_shard(join(config.shard_dir(), name + ".tar")):
             key = sample["__key__"]
             if key not in decision:

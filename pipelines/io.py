@@ -19,7 +19,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.config import Config, ConfigError, dump_config, join
+from pipelines.config import Config, ConfigError, dump_config, is_local, join
 from train.files import TMP, atomic_open, atomic_write  # noqa: F401  (the stages write through these)
 
 SCORE_COLUMNS = ["key", "row", "status", "error", "cosine", "dn_score", "loss", "clean_prob",
@@ -49,6 +49,14 @@ def write_json(path: str, obj) -> None:
 def read_parquet(path: str, columns: list[str] | None = None) -> pl.DataFrame:
     with fsspec.open(path, "rb") as f:
         return pl.read_parquet(f, columns=columns)
+
+
+def scan_parquet(path: str, columns: list[str]) -> pl.LazyFrame:
+    """`columns` of a parquet file, lazily: polars scans local files itself (reading only what a query
+    needs); other filesystems go through fsspec, the file's `columns` read whole."""
+    if is_local(path):
+        return pl.scan_parquet(fsspec.core.url_to_fs(path)[1]).select(columns)
+    return read_parquet(path, columns).lazy()
 
 
 def write_parquet(path: str, df: pl.DataFrame) -> None:
@@ -86,20 +94,27 @@ def finished_shards(config: Config) -> list[str]:
     return [join(config.shard_dir(), name) for name in done["shards"]]
 
 
-def read_scores(config: Config, columns: list[str] = SCORE_COLUMNS) -> tuple[pl.DataFrame, list[str], list[str]]:
-    """Every complete shard's scores (`columns`, and the shard's name as `shard`), the shards' names,
-    and the names of those whose scores are missing."""
+def scan_scores(config: Config, columns: list[str] = SCORE_COLUMNS) -> tuple[pl.LazyFrame, list[str], list[str]]:
+    """A lazy scan of every complete shard's scores (`columns`, and the shard's name as `shard`), in shard
+    order, the shards' names, and the names of those whose scores are missing. Collect only the
+    columns a step needs, with `engine="streaming"`."""
     names = [os.path.basename(url).removesuffix(".tar") for url in finished_shards(config)]
-    tables, missing = [], []
+    frames, missing = [], []
     for name in names:
         path = join(config.score_dir(), name + ".parquet")
         if not exists(path):
             missing.append(name)
             continue
-        tables.append(read_parquet(path, columns).with_columns(shard=pl.lit(name)))
-    if not tables:
+        frames.append(scan_parquet(path, columns).with_columns(shard=pl.lit(name)))
+    if not frames:
         raise ConfigError(f"no scores in {config.score_dir()} for the {len(names)} shards; run the score stage first")
-    return pl.concat(tables), names, missing
+    return pl.concat(frames), names, missing
+
+
+def read_scores(config: Config, columns: list[str] = SCORE_COLUMNS) -> tuple[pl.DataFrame, list[str], list[str]]:
+    """`scan_scores`, collected."""
+    frame, names, missing = scan_scores(config, columns)
+    return frame.collect(engine="streaming"), names, missing
 
 
 # ---------------------------------------------------------------- ground truth

@@ -51,6 +51,7 @@ from pipelines.io import (
     read_table,
     read_truth,
     record_stage,
+    scan_parquet,
     with_truth,
     write_json,
 )
@@ -347,24 +348,25 @@ def sample_shards(shards: list[str], read, sizes: dict) -> dict:
 def summarize(config: Config, score_paths: list[str], state: dict, search: dict, teacher: dict, wall: dict,
               task_seconds: dict) -> dict:
     names = ["key", "row", "status", "error", "cosine", "dn_score", "loss", "clean_prob"]
-    tables = [read_table(p, names + (["loss_by_checkpoint"] if len(teacher["checkpoints"]) > 1 else []))
-              for p in score_paths]
-    table = pa.concat_tables(tables)
-    status = np.asarray(table["status"].to_pylist())
-    ok = status == "scored"
-    clean_prob = table["clean_prob"].to_numpy(zero_copy_only=False)[ok]
-    errors = [e for e in table["error"].to_pylist() if e]
-    reasons = {r: errors.count(r) for r in sorted(set(errors))}
+    frame = pl.concat([scan_parquet(p, names + (["loss_by_checkpoint"] if len(teacher["checkpoints"]) > 1 else []))
+                       for p in score_paths])
+    counts = frame.select(samples=pl.len(), scored=(pl.col("status") == "scored").sum()).collect(engine="streaming")
+    samples, scored = counts["samples"].item(), counts["scored"].item()
+    clean_prob = (frame.filter(pl.col("status") == "scored").select("clean_prob")
+                  .collect(engine="streaming")["clean_prob"].to_numpy())
+    errors = (frame.filter(pl.col("error") != "").group_by("error").len()
+              .collect(engine="streaming").sort("error"))
+    reasons = dict(errors.iter_rows())
     ck0 = state["checkpoints"][0]
     total = sum(wall.values())
-    pairs_per_s = len(table) / total if total else None
+    pairs_per_s = samples / total if total else None
     summary = {
         "teacher": {"model": teacher["model"], "checkpoints": teacher["checkpoints"], "loss_rule": teacher["loss_rule"],
                     "epochs": teacher["epochs"], "averaged": state["averaged"],  # which checkpoints' loss is averaged
                     "noise_by_epoch": state["noise_by_epoch"], "digests": teacher["digests"],
                     "logit_scale": [c["scale"] for c in state["checkpoints"]], "tau_s": 1.0 / ck0["scale"],
                     "sentence_teacher": teacher["sentence_teacher"]},
-        "counts": {"samples": len(table), "scored": int(ok.sum()), "failed": int((~ok).sum()),
+        "counts": {"samples": samples, "scored": scored, "failed": samples - scored,
                    "failed_by_reason": reasons},
         "dn": {"lambda": state["lambda"], "mu_v": ck0["mu_v"].tolist(), "mu_t": ck0["mu_t"].tolist()},
         "bank": {"size": len(state["bank_keys"]), "samples": state["sample_sizes"]},
@@ -378,17 +380,17 @@ def summarize(config: Config, score_paths: list[str], state: dict, search: dict,
                     "tasks": {k: round(v, 2) for k, v in task_seconds.items()}},
         "pairs_per_second": round(pairs_per_s, 1) if pairs_per_s else None,
         "shards": [os.path.basename(p) for p in score_paths],
-        "detection": detection(config, table, teacher),
+        "detection": detection(config, frame, teacher),
     }
     return summary
 
 
-def detection(config: Config, table: pa.Table, teacher: dict) -> dict | None:
+def detection(config: Config, frame: pl.LazyFrame, teacher: dict) -> dict | None:
     """With a labels table (`truth`): how well each score finds the pairs it calls noisy, overall and by noise kind."""
     truth = read_truth(config.truth)
     if truth is None:
         return None
-    scored = pl.from_arrow(table).filter(pl.col("status") == "scored")
+    scored = frame.filter(pl.col("status") == "scored").collect(engine="streaming")
     known = with_truth(config, scored, truth).filter(pl.col("noisy").is_not_null())
     noisy = known["noisy"].to_numpy()
     if noisy.all() or not noisy.any():
@@ -396,7 +398,7 @@ def detection(config: Config, table: pa.Table, teacher: dict) -> dict | None:
     kinds = known["noise_type"].to_numpy() if "noise_type" in known.columns else None
     result = {"truth": config.truth, **detection_report(noisy, kinds, {name: known[name].to_numpy() for name in NOISY_WHEN})}
     if "loss_by_checkpoint" in known.columns:
-        per = np.asarray(known["loss_by_checkpoint"].to_list())
+        per = known["loss_by_checkpoint"].explode().to_numpy().reshape(len(known), -1)
         result["auroc_by_checkpoint"] = [
             {"checkpoint": c, "loss": auroc(noisy, per[:, j]),
              **({"by_kind": {kind: auroc(noisy[(kinds == kind) | ~noisy], per[(kinds == kind) | ~noisy, j])
