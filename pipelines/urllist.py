@@ -72,7 +72,7 @@ def validate_url_list(path: str, workdir: str, fmt: str = "auto", url_col: str =
             writer.close()
     if rows == 0:
         raise InputError(f"{path}: the url list is empty")
-    duplicates = duplicate_rows_on_disk(checked, math.ceil(rows / partition_rows), workdir)
+    duplicates = duplicate_rows_on_disk(checked, math.ceil(rows / partition_rows), workdir, batch_rows)
     valid, rejected = split_rows(mark_duplicates(pl.scan_parquet(checked), duplicates))
     valid.sink_parquet(os.path.join(workdir, "_input.parquet"))
     rejected.sink_parquet(os.path.join(workdir, "_rejected.parquet"))
@@ -268,18 +268,21 @@ def duplicate_rows(df: pl.DataFrame) -> pl.Series:
     return df.filter(pl.col("error_message").is_null()).filter(~pl.col("url").is_first_distinct())["row"]
 
 
-def duplicate_rows_on_disk(checked: str, n_parts: int, workdir: str) -> pl.Series:
+def duplicate_rows_on_disk(checked: str, n_parts: int, workdir: str, batch_rows: int) -> pl.Series:
     """duplicate_rows of a checked list on disk: its otherwise valid (row, url) pairs split by a hash of
     the url into n_parts spill files (a url's rows all in one, in row order), one read at a time."""
     paths = [os.path.join(workdir, f"part-{i}.parquet") for i in range(n_parts)]
     writers: dict[int, pq.ParquetWriter] = {}
     try:
-        for batch in pq.ParquetFile(checked).iter_batches(columns=["row", "url", "error_message"], use_threads=False):
+        for batch in pq.ParquetFile(checked).iter_batches(batch_rows, columns=["row", "url", "error_message"],
+                                                          use_threads=False):
             df = pl.from_arrow(batch).filter(pl.col("error_message").is_null())
             df = df.select("row", "url", part=(pl.col("url").hash() % n_parts).cast(pl.Int64))
             for (part,), group in df.partition_by("part", as_dict=True, include_key=False).items():
                 table = group.to_arrow()
-                writers.setdefault(part, pq.ParquetWriter(paths[part], table.schema)).write_table(table)
+                if part not in writers:
+                    writers[part] = pq.ParquetWriter(paths[part], table.schema)
+                writers[part].write_table(table)
     finally:
         for writer in writers.values():
             writer.close()
