@@ -14,8 +14,11 @@ complete shards, finishes the rewrite of a shard that img2dataset finished, and 
 from __future__ import annotations
 
 import math
+import os
 import re
+import shutil
 import tarfile
+import tempfile
 import time
 
 import fsspec
@@ -37,10 +40,9 @@ from pipelines.io import (
     read_table,
     record_stage,
     write_json,
-    write_parquet,
     write_table,
 )
-from pipelines.urllist import INTERNAL_HOST, REASONS, read_url_list, rows_digest, validate_rows
+from pipelines.urllist import INTERNAL_HOST, REASONS, validate_url_list
 
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count: shards are named 00000.tar ...
 ROBOTS_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]  # img2dataset's default opt-outs
@@ -55,19 +57,22 @@ def run_shard(config: Config) -> dict:
     path, fmt = cfg.input.path, cfg.input.format
     if not path:
         raise ConfigError("shard.input.path is not set: nothing to shard (the demo world's config serves its own list)")
-    rows = read_url_list(path, fmt, cfg.input.url_col, cfg.input.caption_col, cfg.input.extra_cols)
-    valid, rejected = validate_rows(rows, cfg.allow_private_urls)
-    sizes = shard_sizes(valid.height, cfg.samples_per_shard)
-    # the url list and the split decide which sample lands in which shard
-    prepare_output(out, "shard", cfg.overwrite, {"digest": rows_digest(valid), "samples_per_shard": cfg.samples_per_shard},
-                   state="_input.json")
-    write_parquet(join(out, "_input.parquet"), valid)
-    write_parquet(join(out, "_rejected.parquet"), rejected)
+    with tempfile.TemporaryDirectory(prefix="softcurate-urls-") as workdir:
+        counts = validate_url_list(path, workdir, fmt, cfg.input.url_col, cfg.input.caption_col, cfg.input.extra_cols,
+                                   cfg.allow_private_urls)
+        # the url list and the split decide which sample lands in which shard
+        prepare_output(out, "shard", cfg.overwrite, {"digest": counts["digest"], "samples_per_shard": cfg.samples_per_shard},
+                       state="_input.json")
+        for name in ("_input.parquet", "_rejected.parquet"):
+            with open(os.path.join(workdir, name), "rb") as src, atomic_open(join(out, name)) as dst:
+                shutil.copyfileobj(src, dst)
+    sizes = shard_sizes(counts["valid"], cfg.samples_per_shard)
+    rejected = read_parquet(join(out, "_rejected.parquet"), ["status", "error_message"])
     save_config(config, join(out, "_config.yaml"))
     done = complete_shards(fs, out_path, sizes)
     forget_stats(fs, out_path, len(sizes), done)
     todo = len(sizes) - len(done)
-    print(f"shard: {rows.height} rows from {path}: {valid.height} valid, {rejected.height} rejected; "
+    print(f"shard: {counts['rows']} rows from {path}: {counts['valid']} valid, {counts['rejected']} rejected; "
           f"{len(sizes)} shards, {len(done)} already complete, {todo} to do")
     refused = int((rejected["error_message"] == INTERNAL_HOST).sum())
     if refused:
@@ -82,9 +87,9 @@ def run_shard(config: Config) -> dict:
         fs.invalidate_cache()  # the workers wrote the shards: drop our listings (s3fs caches them)
     if fs.exists(join(out_path, "_tmp")):
         fs.rm(join(out_path, "_tmp"), recursive=True)
-    summary = summarize(fs, out_path, sizes, rejected, time.time() - started, input_rows=rows.height)
+    summary = summarize(fs, out_path, sizes, rejected, time.time() - started, input_rows=counts["rows"])
     write_json(join(out, "_summary.json"), summary)
-    record_stage(config, "shard", {"input": {"path": path, "format": fmt, "rows": rows.height},
+    record_stage(config, "shard", {"input": {"path": path, "format": fmt, "rows": counts["rows"]},
                                    "output": out, "shards": summary["shards"], "counts": summary["counts"]})
     print_summary(summary)
     return summary
