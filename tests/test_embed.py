@@ -2,12 +2,14 @@
 
 import io
 import json
+import multiprocessing
 
 import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
 
+from pipelines import score_tasks
 from pipelines.distributor import dask_client
 from pipelines.score_tasks import embed_shard
 from train.models import create_model, save_checkpoint
@@ -42,6 +44,16 @@ def test_same_embeddings_with_any_number_of_decode_workers(shard):
         assert (summary["scored"], summary["failed"]) == (43, 2)
         outputs[workers] = out.read_bytes()
     assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
+
+
+def test_a_daemonic_worker_decodes_in_threads_to_the_same_bytes(shard, monkeypatch):
+    """A daemonic process may not start children (a Dask worker of a cluster set up elsewhere): threads instead."""
+    folder, spec = shard
+    embed_shard(str(folder / "00000.tar"), str(folder / "alone.parquet"), spec, 8, 1, 0)
+    monkeypatch.setitem(multiprocessing.current_process()._config, "daemon", True)
+    monkeypatch.setattr(score_tasks, "decoder_pool", None)  # called: a TypeError
+    embed_shard(str(folder / "00000.tar"), str(folder / "threads.parquet"), spec, 8, 1, 2)
+    assert (folder / "threads.parquet").read_bytes() == (folder / "alone.parquet").read_bytes()
 
 
 @pytest.mark.slow
