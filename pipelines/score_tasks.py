@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -141,6 +142,14 @@ def decode_batch(batch: list[tuple[int, dict]], parts: dict | None = None) -> di
 def start_decoder(parts: dict) -> None:
     torch.set_num_threads(1)  # one core per decode process
     _DECODE.update(parts)
+    threading.Thread(target=exit_with, args=(os.getppid(),), daemon=True).start()
+
+
+def exit_with(parent: int) -> None:
+    """A decode process ends with its worker: a nanny kills a worker slow to exit, and kill -9 runs no cleanup."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(0)
 
 
 def decoded(batches: list, teacher: dict, workers: int):
