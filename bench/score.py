@@ -8,7 +8,13 @@ Needs the demo's shards and teacher (`softcurate run configs/demo.yaml`). Prints
 - peak memory of the whole process tree (driver + Dask workers) at 1x and Nx the data, the Nx data
   being the demo shards copied with fresh keys.
 
+With --decode-workers (needs no demo): the teacher pass alone (embed_shard on one Dask worker, as the
+score stage runs it) over 64 px world shards, once per number of decode processes; pairs/s of each and
+its ratio to the first, and whether the embeddings are byte-identical; and the feed alone (the batches
+decoded with no forward: what a GPU that embeds faster than the decode would get).
+
     .venv/bin/python bench/score.py [--scale 4]
+    .venv/bin/python bench/score.py --decode-workers 1,2 [--pairs 4000] [--model softcurate-tiny]
 """
 
 from __future__ import annotations
@@ -77,6 +83,56 @@ def run(config: str, root: Path, output: Path, checkpoint: str, model: str) -> t
     return seconds, peak, json.loads((output / "_summary.json").read_text())
 
 
+def feed(url: str, spec: dict, batch_size: int, workers: int) -> int:
+    """On a worker: the shard's batches decoded as embed_shard gets them, with no forward (what a fast GPU would wait on)."""
+    from pipelines.score_tasks import decoded, load_teachers
+
+    samples = read_shard(url)
+    batches = [list(enumerate(samples))[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    return sum(len(done["indices"]) for done in decoded(batches, load_teachers(spec), workers))
+
+
+def decode_workers_bench(counts: list[int], pairs: int, model: str, batch_size: int, threads: int) -> None:
+    """Pairs/s of the teacher pass with each number of decode processes, in one run on the same shards."""
+    from pipelines.config import WorldConfig
+    from pipelines.distributor import dask_client
+    from pipelines.score_tasks import embed_shard
+    from pipelines.world import write_split
+    from pipelines.worlds import generator
+
+    tmp_dir = tempfile.TemporaryDirectory()
+    tmp = Path(tmp_dir.name)
+    per_shard = 1000
+    shards = [str(tmp / f"{n:05d}.tar") for n in range(1 + -(-pairs // per_shard))]  # the first: a warm-up
+    for n, shard in enumerate(shards):
+        write_split(generator("shapes"), shard, 0, n, per_shard, WorldConfig(image_size=64))
+    save_checkpoint(create_model(model)[0], tmp / "teacher.pt")
+    spec = {"model": model, "checkpoints": [str(tmp / "teacher.pt")], "sentence_teacher": None, "device": "cpu", "bf16": False}
+    print(f"teacher pass: {model} (random weights), {len(shards) - 1} x {per_shard} pairs of 64 px, batch {batch_size}, "
+          f"1 Dask worker x {threads} torch thread(s); {torch.get_num_threads()} cores")
+    rates, feeds, outputs = [], [], []
+    with dask_client(None, 1) as client:
+        for workers in counts:
+            def task(shard: str, out: str):
+                return client.submit(embed_shard, shard, out, spec, batch_size, threads, workers, pure=False).result()
+
+            task(shards[0], str(tmp / f"warm_{workers}.parquet"))  # teacher and decode processes started
+            start = time.perf_counter()
+            for n, shard in enumerate(shards[1:]):
+                task(shard, str(tmp / f"embed_{workers}_{n}.parquet"))
+            rates.append(per_shard * (len(shards) - 1) / (time.perf_counter() - start))
+            start = time.perf_counter()
+            for shard in shards[1:]:
+                client.submit(feed, shard, spec, batch_size, workers, pure=False).result()
+            feeds.append(per_shard * (len(shards) - 1) / (time.perf_counter() - start))
+            outputs.append([(tmp / f"embed_{workers}_{n}.parquet").read_bytes() for n in range(len(shards) - 1)])
+    tmp_dir.cleanup()
+    print(f"{'decode workers':>14} {'pairs/s':>8} {'ratio':>6} {'feed p/s':>9} {'ratio':>6}   (feed: decoded, no forward)")
+    for workers, rate, fed in zip(counts, rates, feeds):
+        print(f"{workers:>14} {rate:>8.0f} {rate / rates[0]:>6.2f} {fed:>9.0f} {fed / feeds[0]:>6.2f}")
+    print("embeddings byte-identical across settings:", all(o == outputs[0] for o in outputs))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml")
@@ -85,9 +141,16 @@ def main() -> None:
                         "(e.g. ViT-B-32: a realistic forward cost); default: the demo's teacher")
     parser.add_argument("--shards", type=int, default=None, help="use only the first N demo shards")
     parser.add_argument("--samples", type=int, default=None, help="and only their first N samples")
+    parser.add_argument("--decode-workers", default=None, metavar="N,M",
+                        help="the teacher pass alone with each of these score.decode_workers (e.g. 1,2)")
+    parser.add_argument("--pairs", type=int, default=4000, help="--decode-workers: pairs timed (plus a warm-up shard)")
     args = parser.parse_args()
     config = load_config(args.config)
     cfg = config.score
+    if args.decode_workers:
+        counts = [int(n) for n in args.decode_workers.split(",")]
+        decode_workers_bench(counts, args.pairs, args.model or config.train.model, cfg.batch_size, cfg.threads)
+        return
     model = args.model or cfg.model or config.train.model
     checkpoint = str(Path(config.run_dir()) / "checkpoints" / "best.pt")
     tmp_dir = tempfile.TemporaryDirectory()

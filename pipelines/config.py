@@ -143,6 +143,10 @@ class ScoreConfig(Strict):
     scheduler: Optional[str] = option(None, "address of an existing Dask scheduler (tcp://HOST:8786); default: a LocalCluster")
     processes: int = option(2, "LocalCluster worker processes (one per GPU on a GPU machine)", ge=1)
     threads: int = option(1, "torch threads in each worker", ge=1)
+    decode_workers: Optional[int] = option(
+        None, "processes in each worker that decode and preprocess images ahead of the teacher (0: one thread, one "
+              "batch ahead); unset: on GPU the cores per GPU less one, on CPU the cores the workers' torch threads "
+              "leave idle, shared among the workers (0 when they use every core). The scores do not depend on it", ge=0)
     device: str = option("auto", "auto: cuda when available, else cpu")
     precision: Literal["auto", "fp32", "bf16"] = option("auto", "auto: bf16 autocast on GPU, fp32 on CPU")
     overwrite: bool = option(False, "discard existing scores instead of resuming")

@@ -68,6 +68,9 @@ def dask_client(scheduler: str | None, processes: int, gpu: bool = False):
     # Dask's statistical profiler samples every worker thread each 10 ms: ~10% of a GIL-bound
     # decode + forward loop (measured on the score stage); the dashboard's profile page goes blank.
     dask.config.set({"distributed.worker.profile.enabled": False})
+    # Workers are daemonic processes by default, and a daemonic process may not start children: the
+    # score stage's decode processes (score.decode_workers) need them.
+    dask.config.set({"distributed.worker.daemon": False})
     if scheduler:
         with Client(scheduler, timeout="30s") as client:
             yield client

@@ -82,8 +82,8 @@ def run_score(config: Config) -> dict:
     with dask_client(cfg.scheduler, cfg.processes, gpu=teacher["device"] == "cuda") as client:
         wall["cluster"] = time.time() - started - sum(wall.values())
         todo = [(s, p) for s, p in zip(shards, embed_paths) if not exists(p)]
-        embedded, failed = run_tasks(client, "embed", [(embed_shard, s, p, teacher, cfg.batch_size, cfg.threads)
-                                                       for s, p in todo])
+        embedded, failed = run_tasks(client, "embed", [(embed_shard, s, p, teacher, cfg.batch_size, cfg.threads,
+                                                        decode_workers(cfg, teacher["device"])) for s, p in todo])
         if failed:
             return incomplete(failed)
         wall["embed"] = time.time() - started - sum(wall.values())
@@ -151,6 +151,19 @@ def file_digest(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+def decode_workers(cfg, device: str) -> int:
+    """score.decode_workers, or from this machine's cores: on GPU the cores per GPU less one (for the worker
+    feeding it); on CPU the teacher's torch threads already fill cores, so only the cores they leave idle."""
+    if cfg.decode_workers is not None:
+        return cfg.decode_workers
+    cores = os.cpu_count() or 1
+    if device == "cuda":
+        import torch
+
+        return max(1, cores // max(1, torch.cuda.device_count()) - 1)
+    return max(0, cores - cfg.processes * cfg.threads) // cfg.processes
 
 
 def result_params(cfg, seed: int) -> dict:

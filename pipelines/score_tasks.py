@@ -7,9 +7,13 @@ task it gets.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from functools import partial
 
 import fsspec
 import numpy as np
@@ -67,8 +71,12 @@ def load_teachers(spec: dict) -> dict:
     return _TEACHERS[key]
 
 
-def embed_shard(url: str, out: str, spec: dict, batch_size: int, threads: int) -> dict:
-    """Teacher embeddings of one shard (every checkpoint), failures kept as rows with their reason."""
+def embed_shard(url: str, out: str, spec: dict, batch_size: int, threads: int, decode_workers: int = 0) -> dict:
+    """Teacher embeddings of one shard (every checkpoint), failures kept as rows with their reason.
+
+    `decode_workers` processes decode and preprocess the batches ahead of the forward (0: one thread,
+    one batch ahead); the batches reach the teacher in shard order, so the bytes do not depend on them.
+    """
     started = time.time()
     torch.set_num_threads(threads)
     teacher = load_teachers(spec)
@@ -82,36 +90,19 @@ def embed_shard(url: str, out: str, spec: dict, batch_size: int, threads: int) -
     captions: list[str] = []
     dims = [m.visual.output_dim for m in teacher["models"]]  # the schema of a shard with no good sample
     embeddings = [([], []) for _ in teacher["models"]]
-
-    def decode(batch: list[int]):  # runs in a thread, one batch ahead of the forward
-        done = []
-        for i in batch:
-            try:
-                if samples[i].get("__missing__"):
-                    raise BadSample(MISSING)
-                done.append((i, *prepare(samples[i], teacher["preprocess"], teacher["fast"])))
-            except BadSample as err:
-                errors[i] = str(err)
-        if not done:
-            return None
-        captions = [d[2] for d in done]
-        images = stack_images([d[1] for d in done], teacher["fast"])
-        return [d[0] for d in done], images, teacher["tokenizer"](captions), captions
-
-    batches = [list(range(i, min(i + batch_size, len(samples)))) for i in range(0, len(samples), batch_size)]
-    with ThreadPoolExecutor(1) as pool:  # decode the next batch while this one runs (PIL releases the GIL)
-        pending = pool.submit(decode, batches[0]) if batches else None
-        for b in range(len(batches)):
-            done = pending.result()
-            pending = pool.submit(decode, batches[b + 1]) if b + 1 < len(batches) else None
-            if done is None:
-                continue
-            good += done[0]
-            captions += done[3]
-            for model, (image_out, text_out) in zip(teacher["models"], embeddings):
-                v, t = embed(model, done[1], done[2], teacher["device"], spec["bf16"])
-                image_out.append(v)
-                text_out.append(t)
+    batches = [[(i, samples[i]) for i in range(s, min(s + batch_size, len(samples)))]
+               for s in range(0, len(samples), batch_size)]
+    for done in decoded(batches, teacher, decode_workers):
+        for i, reason in done["errors"].items():
+            errors[i] = reason
+        if not done["indices"]:
+            continue
+        good += done["indices"]
+        captions += done["captions"]
+        for model, (image_out, text_out) in zip(teacher["models"], embeddings):
+            v, t = embed(model, done["images"], done["tokens"], teacher["device"], spec["bf16"])
+            image_out.append(v)
+            text_out.append(t)
     columns = {"key": pa.array(keys, pa.string()), "row": pa.array(rows, pa.int64()),
                "status": pa.array(["failed" if e else "scored" for e in errors], pa.string()),
                "error": pa.array(errors, pa.string())}
@@ -125,6 +116,77 @@ def embed_shard(url: str, out: str, spec: dict, batch_size: int, threads: int) -
     write_table(out, pa.table(columns))
     return {"shard": os.path.basename(url), "samples": len(samples), "scored": len(good),
             "failed": len(samples) - len(good), "seconds": time.time() - started}
+
+
+_DECODE: dict = {}  # in a decode process: the teacher's preprocess, tokenizer and fast path
+_DECODERS: dict = {}  # in a Dask worker: its decode processes, kept across tasks
+
+
+def decode_batch(batch: list[tuple[int, dict]], parts: dict | None = None) -> dict:
+    """One batch of (index, sample) decoded, preprocessed and tokenised; the failures with their reason."""
+    parts = parts or _DECODE
+    done, errors = [], {}
+    for i, sample in batch:
+        try:
+            if sample.get("__missing__"):
+                raise BadSample(MISSING)
+            done.append((i, *prepare(sample, parts["preprocess"], parts["fast"])))
+        except BadSample as err:
+            errors[i] = str(err)
+    captions = [d[2] for d in done]
+    return {"indices": [d[0] for d in done], "captions": captions, "errors": errors,
+            "images": stack_images([d[1] for d in done], parts["fast"]) if done else None,
+            "tokens": parts["tokenizer"](captions) if done else None}
+
+
+def start_decoder(parts: dict) -> None:
+    torch.set_num_threads(1)  # one core per decode process
+    _DECODE.update(parts)
+    threading.Thread(target=exit_with, args=(os.getppid(),), daemon=True).start()
+
+
+def exit_with(parent: int) -> None:
+    """A decode process ends with its worker: a nanny kills a worker slow to exit, and kill -9 runs no cleanup."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(0)
+
+
+def decoded(batches: list, teacher: dict, workers: int):
+    """decode_batch of each batch, in order, `workers` processes ahead of the caller (0: one thread, one batch ahead).
+
+    A daemonic process (a Dask worker not started by pipelines.distributor) cannot have children:
+    there the decode runs in `workers` threads (PIL releases the GIL for part of the decode).
+    """
+    parts = {k: teacher[k] for k in ("preprocess", "tokenizer", "fast")}
+    if workers and not multiprocessing.current_process().daemon:
+        yield from in_order(decoder_pool(parts, workers), decode_batch, batches, ahead=2 * workers)
+        return
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        yield from in_order(pool, partial(decode_batch, parts=parts), batches, ahead=max(1, workers))
+
+
+def decoder_pool(parts: dict, workers: int) -> ProcessPoolExecutor:
+    """The worker's decode processes, started once (spawned: a fork of a threaded Dask worker may deadlock)."""
+    key = (id(parts["preprocess"]), workers)
+    if key not in _DECODERS:
+        for pool in _DECODERS.values():
+            pool.shutdown(cancel_futures=True)
+        _DECODERS.clear()
+        _DECODERS[key] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=start_decoder, initargs=(parts,))
+    return _DECODERS[key]
+
+
+def in_order(pool, fn, items: list, ahead: int):
+    """fn of each item run in `pool`, the results in the items' order, at most `ahead` + 1 in flight."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def listed_rows(url: str) -> dict[str, int | None]:
