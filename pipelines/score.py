@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import time
 from functools import partial
 
@@ -40,7 +41,7 @@ from curate.scores import (
     pair_posterior,
     temperature_noise_indicator,
 )
-from pipelines.config import Config, ConfigError, expand_globs, glob_any, join, save_config
+from pipelines.config import Config, ConfigError, expand_globs, glob_any, is_local, join, save_config
 from pipelines.distributor import dask_client
 from pipelines.io import (
     atomic_open,
@@ -60,6 +61,7 @@ from pipelines.score_tasks import column, embed_shard, load_teachers, score_shar
 SAMPLE_SEEDS = {"dn": 1, "bank": 2, "mixture": 3, "train": 4, "recall": 5}  # offsets of the config seed: independent samples
 TRAIN_SIZE = 100_000  # embeddings an approximate index is trained on
 RECALL_QUERIES = 500  # queries its recall against exact is measured on
+PART_ROWS = 1 << 18  # rows of a partial index: bounds what the driver holds while adding
 
 
 # ---------------------------------------------------------------- the driver
@@ -290,50 +292,86 @@ def neighbour_index(embed_paths: list[str], out: str, state: dict, cfg, seed: in
 def build_shard_index(shards: list[str], read, path: str, factory: str, seed: int, k: int = 16,
                       nprobe: int = 32) -> dict | None:
     """An index of every shard's embeddings (read(shard) -> (float (n, d), int64 ids)), written atomically to path,
-    holding one shard and the index in memory, never all embeddings at once.
+    never holding all embeddings at once.
 
-    Taken from autofaiss's build under a memory budget (build_index with current_memory_available): train the
-    empty index on a bounded sample of the embeddings, then stream every embedding in by batches
-    (add_with_ids). Not taken: its index-factory search and its partial indexes merged on disk; here the
-    factory is given, the training sample is the TRAIN_SIZE smallest seeded key ranks (curate.scores.key_ranks,
-    so it does not depend on shard order), and the index is streamed to its file, not serialized to bytes. "Flat" needs no training: shard by shard it holds the
-    same vectors under the same ids in the same order as a one-shot build, so the same bytes.
+    Taken from autofaiss's build under a memory budget: train the empty index on a bounded sample, add the
+    embeddings part by part into partial indexes on disk, and merge their inverted lists into one file
+    (faiss.contrib.ondisk.merge_ondisk) that the index maps instead of holding. Not taken: its index-factory
+    search (the factory is given) and its random training sample (here the TRAIN_SIZE smallest seeded key
+    ranks, curate.scores.key_ranks, so it does not depend on shard order). The driver holds the sample and one
+    part (PART_ROWS rows) at most; each score worker maps the lists, so the page cache holds them once.
+    On an object store there are no files to map: the index is built in memory and stored whole.
+    "Flat" (the exact path, up to exact_limit pairs) needs no training: shard by shard it holds the same
+    vectors under the same ids in the same order as a one-shot build, so the same bytes.
 
-    Resumable: the trained empty index is checkpointed beside path (written atomically); a build killed
-    after it restarts from it and adds every shard again, so the index is byte-identical to an uninterrupted
-    build, and path itself only ever appears complete. Returns, for a trained index, its recall@k
-    against exact on RECALL_QUERIES seeded queries (their exact neighbours found shard by shard), else None.
+    Resumable: the trained empty index and each finished part are written atomically beside path; a build
+    killed midway restarts from them, and path itself only ever appears complete. Returns, for a trained
+    index, its recall@k against exact on RECALL_QUERIES seeded queries, else None.
     """
-    trained = path.removesuffix(".faiss") + ".trained.faiss"
-    index, queries, exact = None, None, None
-    if factory != "Flat":
-        samples = sample_shards(shards, read, {"train": (TRAIN_SIZE, seed + SAMPLE_SEEDS["train"]),
-                                               "recall": (RECALL_QUERIES, seed + SAMPLE_SEEDS["recall"])})
-        if exists(trained):
-            with fsspec.open(trained, "rb") as f:
-                index = nn.deserialize_index(f.read())
-        else:
-            index = nn.train_index(samples["train"][0], factory, seed)
-            with atomic_open(trained) as f:
-                nn.write_index(index, f)
-        del samples["train"]
-        queries = samples["recall"]
-        exact = (np.full((len(queries[1]), k), np.nan, np.float32), np.full((len(queries[1]), k), nn.PAD_ID, np.int64))
-    for shard in shards:
-        x, ids = read(shard)
-        if not len(ids):
-            continue
-        if index is None:
-            index = nn.train_index(x[:0], factory, seed)
-        nn.add(index, x, ids)
-        if queries is not None:
-            exact = nn.merge_topk(*exact, *nn.exact_topk(queries[0], x, k, query_ids=queries[1], base_ids=ids), k)
+    if factory == "Flat":
+        index = None
+        for x, ids in map(read, shards):
+            if index is None and len(ids):
+                index = nn.train_index(x[:0], factory, seed)
+            if len(ids):
+                nn.add(index, x, ids)
+        with atomic_open(path) as f:
+            nn.write_index(index, f)
+        return None
+    stem = path.removesuffix(".faiss")
+    samples = sample_shards(shards, read, {"train": (TRAIN_SIZE, seed + SAMPLE_SEEDS["train"]),
+                                           "recall": (RECALL_QUERIES, seed + SAMPLE_SEEDS["recall"])})
+    trained = stem + ".trained.faiss"
+    if not exists(trained):
+        with atomic_open(trained) as f:
+            nn.write_index(nn.train_index(samples["train"][0], factory, seed), f)
+    del samples["train"]
+    if is_local(path):
+        index = ondisk_index(shards, read, fsspec.core.url_to_fs(stem)[1], trained)  # the lists' file by its absolute path
+    else:
+        index = read_index(trained)
+        for shard in shards:
+            nn.add(index, *read(shard))
     with atomic_open(path) as f:
         nn.write_index(index, f)
-    if queries is None:
-        return None
+    queries, exact = samples["recall"], None
+    for shard in shards:  # the queries' exact neighbours, a shard at a time
+        x, ids = read(shard)
+        found = nn.exact_topk(queries[0], x, k, query_ids=queries[1], base_ids=ids)
+        exact = found if exact is None else nn.merge_topk(*exact, *found, k)
     found = nn.index_topk(index, queries[0], k, query_ids=queries[1], nprobe=nprobe)
     return {"k": k, "queries": len(queries[1]), "recall": round(nn.recall_at_k(found[1], exact[1]), 4)}
+
+
+def ondisk_index(shards: list[str], read, stem: str, trained: str):
+    """The trained index holding every shard, its inverted lists merged into stem.ivfdata from partial indexes
+    of about PART_ROWS rows each (stem.parts/, kept until the merge is done; a part on disk is not rebuilt)."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    per_part = max(1, PART_ROWS // max(1, len(read(shards[0])[1]))) if shards else 1
+    parts = []
+    for i in range(0, len(shards), per_part):
+        parts.append(f"{stem}.parts/{i // per_part:05d}.faiss")
+        if exists(parts[-1]):
+            continue
+        index = read_index(trained)
+        for shard in shards[i:i + per_part]:
+            nn.add(index, *read(shard))
+        os.makedirs(os.path.dirname(parts[-1]), exist_ok=True)
+        with atomic_open(parts[-1]) as f:
+            nn.write_index(index, f)
+        del index
+    index = read_index(trained)
+    if os.path.exists(stem + ".ivfdata"):
+        os.remove(stem + ".ivfdata")  # a merge killed midway: lists are rewritten whole
+    merge_ondisk(index, parts, stem + ".ivfdata")
+    shutil.rmtree(stem + ".parts", ignore_errors=True)
+    return index
+
+
+def read_index(path: str):
+    with fsspec.open(path, "rb") as f:
+        return nn.deserialize_index(f.read())
 
 
 def sample_shards(shards: list[str], read, sizes: dict) -> dict:

@@ -145,16 +145,26 @@ def test_exact_index_by_shard_has_the_bytes_of_the_one_shot_index(tmp_path):
     assert (tmp_path / "x.faiss").read_bytes() == serialize_index(one_shot)
 
 
-def test_ivf_index_by_shard_equals_one_shot_on_the_same_sample(tmp_path):
+def test_ivf_index_by_shard_equals_one_shot_on_the_same_sample(tmp_path, monkeypatch):
+    import pipelines.score
+
+    monkeypatch.setattr(pipelines.score, "PART_ROWS", 6000)  # two shards a part: three parts merged on disk
     base = clustered(20_000, 64, 200, seed=7)
-    shards, read = shard_reader(base, [0, 5000, 12000, 20000])
+    shards, read = shard_reader(base, [0, 3000, 5000, 12000, 15000, 20000])
     factory = "IVF64,SQ8"
     recall = build_shard_index(shards, read, str(tmp_path / "x.faiss"), factory, seed=3)
     by_shard = deserialize_index((tmp_path / "x.faiss").read_bytes())
+    assert (tmp_path / "x.ivfdata").exists() and not (tmp_path / "x.parts").exists()
+    assert by_shard.ntotal == len(base)
     sample = sample_shards(shards, read, {"train": (TRAIN_SIZE, 3 + SAMPLE_SEEDS["train"])})["train"]
     one_shot = train_index(sample[0], factory, seed=3)
     add(one_shot, base, np.arange(len(base)) * 7)
-    assert serialize_index(by_shard) == serialize_index(one_shot)
+    # the same lists in the same order: every query finds the same neighbours at the same similarities
+    queries = np.arange(0, 20_000, 37)
+    for nprobe in (1, 8):
+        a = index_topk(by_shard, base[queries], 16, query_ids=queries * 7, nprobe=nprobe)
+        b = index_topk(one_shot, base[queries], 16, query_ids=queries * 7, nprobe=nprobe)
+        assert a[0].tobytes() == b[0].tobytes() and a[1].tobytes() == b[1].tobytes()
     # the reported recall is the one measured here on the same queries
     queries = sample_shards(shards, read, {"recall": (RECALL_QUERIES, 3 + SAMPLE_SEEDS["recall"])})["recall"]
     _, true_ids = exact_topk(queries[0], base, 16, query_ids=queries[1], base_ids=np.arange(len(base)) * 7)
@@ -167,17 +177,20 @@ KILLED_BUILD = """
 import os, signal, sys
 import numpy as np
 sys.path.insert(0, {tests!r})
+import pipelines.score
 from test_neighbours import clustered, shard_reader
 from pipelines.score import build_shard_index
+pipelines.score.PART_ROWS = 2000  # a part a shard
 base = clustered(6000, 32, 40, seed=8)
 shards, read = shard_reader(base, [0, 2000, 4000, 6000])
 calls = []
-def reading(shard):  # sampling reads the 3 shards, then adding them: die on reading the second one to add
+def reading(shard):  # sampling reads the 3 shards, one more gives a shard's size, then a part each: die on the second part
     calls.append(shard)
-    if len(calls) == 5 and {kill}:
+    if len(calls) == 6 and {kill}:
         os.kill(os.getpid(), signal.SIGKILL)
     return read(shard)
 build_shard_index(shards, reading, sys.argv[1], "IVF16,SQ8", seed=0)
+print(len(calls))
 """
 
 
@@ -191,10 +204,18 @@ def test_killed_build_resumes_to_the_uninterrupted_index(tmp_path):
         return subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True)
 
     whole = tmp_path / "whole" / "image.faiss"
-    assert run(whole, False).returncode == 0, "uninterrupted build failed"
+    done = run(whole, False)
+    assert done.returncode == 0, done.stderr
     killed = tmp_path / "killed" / "image.faiss"
     assert run(killed, True).returncode == -9
     assert not killed.exists()  # nothing that looks complete
-    assert (tmp_path / "killed" / "image.trained.faiss").exists()  # the checkpoint it resumes from
-    assert run(killed, False).returncode == 0
-    assert killed.read_bytes() == whole.read_bytes()
+    assert (tmp_path / "killed" / "image.trained.faiss").exists()  # the checkpoints it resumes from
+    assert sorted(os.listdir(tmp_path / "killed" / "image.parts")) == ["00000.faiss"]
+    resumed = run(killed, False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert int(resumed.stdout.split()[-1]) == int(done.stdout.split()[-1]) - 1  # the finished part is not rebuilt
+    assert (tmp_path / "killed" / "image.ivfdata").read_bytes() == (tmp_path / "whole" / "image.ivfdata").read_bytes()
+    queries = clustered(6000, 32, 40, seed=8)[::50]
+    a = index_topk(deserialize_index(killed.read_bytes()), queries, 8)
+    b = index_topk(deserialize_index(whole.read_bytes()), queries, 8)
+    assert a[0].tobytes() == b[0].tobytes() and a[1].tobytes() == b[1].tobytes()
