@@ -9,7 +9,9 @@ Synthetic inputs of each size, d = 512 (`--dim`), 10,000 pairs a shard:
 Each step runs alone in a fresh interpreter (`--child`); the parent samples the RSS of that process
 and all its descendants (Dask workers, decode processes) every 0.2 s. "driver" is the child's own
 high-water mark (exact), "tree" the sampled sum over the process tree (workers' mapped index pages
-count in each worker that touched them). The steps:
+count in each worker that touched them; PSS shares each page among the processes mapping it;
+"anonymous" leaves out file-backed pages, such as the index's mapped lists, which the kernel can drop
+and read again: it is what must fit in memory). The steps:
 
     urls            the shard stage's reading and validation of the url list (no download)
     globals         score: DN means, bank and mixture from their seeded samples (pipelines.score.global_state)
@@ -162,20 +164,23 @@ def measured(step: str, root: Path, factory: str, score_shards: int) -> dict:
     """Run one step in a fresh interpreter; its output and the sampled peak RSS of its process tree."""
     proc = subprocess.Popen([sys.executable, __file__, "--child", step, str(root), factory, str(score_shards)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    top, peak = psutil.Process(proc.pid), 0
+    top, peak = psutil.Process(proc.pid), {"tree_mib": 0, "tree_pss_mib": 0, "tree_anon_mib": 0}
     while proc.poll() is None:
-        total = 0
+        now = dict.fromkeys(peak, 0)
         for p in [top, *top.children(recursive=True)]:
             try:
-                total += p.memory_info().rss
+                info = p.memory_full_info()
             except psutil.Error:  # gone between the listing and the read
-                pass
-        peak = max(peak, total)
+                continue
+            now["tree_mib"] += info.rss
+            now["tree_pss_mib"] += info.pss
+            now["tree_anon_mib"] += info.rss - info.shared  # not file-backed: what must fit in memory
+        peak = {k: max(v, now[k]) for k, v in peak.items()}
         time.sleep(0.2)
     stdout, stderr = proc.communicate()
     if proc.returncode:
         raise SystemExit(f"{step} failed:\n{stderr[-3000:]}")
-    return {**json.loads(stdout.splitlines()[-1]), "tree_mib": round(peak / 2**20)}
+    return {**json.loads(stdout.splitlines()[-1]), **{k: round(v / 2**20) for k, v in peak.items()}}
 
 
 def main() -> None:
@@ -201,19 +206,22 @@ def main() -> None:
             print(f"{n:,} pairs: inputs {du:.1f} GiB in {time.perf_counter() - started:.0f} s", flush=True)
             for step in args.steps:
                 r = results[n, step] = measured(step, root, args.factory, args.score_shards)
-                extra = {k: v for k, v in r.items() if k not in ("seconds", "driver_mib", "tree_mib")}
+                extra = {k: v for k, v in r.items() if not k.endswith("_mib") and k != "seconds"}
                 print(f"{n:>10,}  {step:<15} {r['seconds']:>7.1f} s  driver {r['driver_mib']:>6,} MiB  "
-                      f"tree {r['tree_mib']:>6,} MiB  {json.dumps(extra)}", flush=True)
+                      f"tree {r['tree_mib']:>6,} MiB (PSS {r['tree_pss_mib']:>6,}, anonymous {r['tree_anon_mib']:>6,})  "
+                      f"{json.dumps(extra)}", flush=True)
     small, large = min(args.sizes), max(args.sizes)
     if small == large:
         return
-    print(f"\n{'step':<15} {'driver ratio':>13} {'tree ratio':>11}   CC12M projection (linear in the growth)")
+    print(f"\n{'step':<15} {'driver ratio':>13} {'tree anonymous':>15}   "
+          "CC12M projection, linear in the growth: driver, tree anonymous")
     for step in args.steps:
         a, b = results[small, step], results[large, step]
-        per_pair = max(0, b["tree_mib"] - a["tree_mib"]) / (large - small)  # MiB a pair beyond the fixed part
-        cc12m = b["tree_mib"] + per_pair * (CC12M - large)
-        print(f"{step:<15} {b['driver_mib'] / a['driver_mib']:>13.2f} {b['tree_mib'] / a['tree_mib']:>11.2f}   "
-              f"tree {cc12m / 1024:.1f} GiB")
+
+        def cc12m(key):  # the larger size's figure plus its growth per pair (none if it shrank) times the pairs to go
+            return (b[key] + max(0, b[key] - a[key]) / (large - small) * (CC12M - large)) / 1024
+        print(f"{step:<15} {b['driver_mib'] / a['driver_mib']:>13.2f} {b['tree_anon_mib'] / a['tree_anon_mib']:>15.2f}   "
+              f"{cc12m('driver_mib'):.1f} GiB, {cc12m('tree_anon_mib'):.1f} GiB")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ SAMPLE_SEEDS = {"dn": 1, "bank": 2, "mixture": 3, "train": 4, "recall": 5}  # of
 TRAIN_SIZE = 100_000  # embeddings an approximate index is trained on
 RECALL_QUERIES = 500  # queries its recall against exact is measured on
 PART_ROWS = 1 << 18  # rows of a partial index: bounds what the driver holds while adding
+BLOCK_ROWS = 8192  # mixture-sample rows whose posterior against the bank is computed at once
 
 
 # ---------------------------------------------------------------- the driver
@@ -233,8 +234,11 @@ def global_state(embed_paths: list[str], teacher: dict, cfg, seed: int) -> dict:
         mix = samples["mixture"]
         v = dn_center(column(mix, f"image_emb_{j}"), mu_v, cfg.dn_lambda)
         t = dn_center(column(mix, f"text_emb_{j}"), mu_t, cfg.dn_lambda)
-        self_in_bank = np.asarray(mix["key"].to_pylist())[:, None] == np.asarray(bank_keys)[None, :]
-        losses.append(pair_loss(*pair_posterior(v, t, bank_v, bank_t, scale, self_in_bank)))
+        mix_keys, bank_ids = np.asarray(mix["key"].to_pylist()), np.asarray(bank_keys)
+        losses.append(np.concatenate([  # by blocks of rows: each (rows, bank) matrix stays small; the same values
+            pair_loss(*pair_posterior(v[i:i + BLOCK_ROWS], t[i:i + BLOCK_ROWS], bank_v, bank_t, scale,
+                                      mix_keys[i:i + BLOCK_ROWS, None] == bank_ids[None, :]))
+            for i in range(0, len(v), BLOCK_ROWS)]))
         checkpoints.append({"scale": scale, "mu_v": mu_v, "mu_t": mu_t, "bank_v": bank_v, "bank_t": bank_t})
     try:
         averaged, noise_by_epoch = loss_span(teacher, losses, seed)

@@ -242,3 +242,15 @@ def test_streamed_audit_facts_and_galleries_equal_the_eager_ones(root, tmp_path,
     streamed = audit.gallery_facts(config, names, frame, scored.drop("url", "caption"), size, duplicate_sim)
     reference = reference_galleries(scored, size, duplicate_sim)
     assert streamed == reference and reference["duplicate_images"] and reference["duplicate_captions"]
+
+
+@pytest.mark.parametrize("policy", [POLICIES[0], POLICIES[2]])
+def test_streamed_keep_list_on_the_scored_demo_world(scored, tmp_path, policy):
+    """The same on the demo world as the score stage scored it (its failures, ties and neighbour keys)."""
+    root, _ = scored
+    config = config_for(root, f"curate.output={tmp_path / 'curated'}", f"curate.policy={policy}")
+    summary = run_curate(config, export=False)
+    scores = read_scores(config, SCORE_COLUMNS)[0]
+    write_parquet(str(tmp_path / "reference.parquet"), reference_policy(scores, summary["policy"]))
+    assert (tmp_path / "curated" / "keep.parquet").read_bytes() == (tmp_path / "reference.parquet").read_bytes()
+    assert 0 < summary["kept"] < summary["pairs"]
