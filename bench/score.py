@@ -14,7 +14,7 @@ its ratio to the first, and whether the embeddings are byte-identical; and the f
 decoded with no forward: what a GPU that embeds faster than the decode would get).
 
     .venv/bin/python bench/score.py [--scale 4]
-    .venv/bin/python bench/score.py --decode-workers 1,2 [--pairs 4000] [--model softcurate-tiny]
+    .venv/bin/python bench/score.py --decode-workers 1,2 [--pairs 4000] [--model softcurate-tiny] [--image-size 64]
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def feed(url: str, spec: dict, batch_size: int, workers: int) -> int:
     return sum(len(done["indices"]) for done in decoded(batches, load_teachers(spec), workers))
 
 
-def decode_workers_bench(counts: list[int], pairs: int, model: str, batch_size: int, threads: int) -> None:
+def decode_workers_bench(counts: list[int], pairs: int, model: str, batch_size: int, threads: int,
+                         image_size: int = 64) -> None:
     """Pairs/s of the teacher pass with each number of decode processes, in one run on the same shards."""
     from pipelines.config import WorldConfig
     from pipelines.distributor import dask_client
@@ -105,10 +106,10 @@ def decode_workers_bench(counts: list[int], pairs: int, model: str, batch_size: 
     per_shard = 1000
     shards = [str(tmp / f"{n:05d}.tar") for n in range(1 + -(-pairs // per_shard))]  # the first: a warm-up
     for n, shard in enumerate(shards):
-        write_split(generator("shapes"), shard, 0, n, per_shard, WorldConfig(image_size=64))
+        write_split(generator("shapes"), shard, 0, n, per_shard, WorldConfig(image_size=image_size))
     save_checkpoint(create_model(model)[0], tmp / "teacher.pt")
     spec = {"model": model, "checkpoints": [str(tmp / "teacher.pt")], "sentence_teacher": None, "device": "cpu", "bf16": False}
-    print(f"teacher pass: {model} (random weights), {len(shards) - 1} x {per_shard} pairs of 64 px, batch {batch_size}, "
+    print(f"teacher pass: {model} (random weights), {len(shards) - 1} x {per_shard} pairs of {image_size} px, batch {batch_size}, "
           f"1 Dask worker x {threads} torch thread(s); {torch.get_num_threads()} cores")
     rates, feeds, outputs = [], [], []
     with dask_client(None, 1) as client:
@@ -143,13 +144,16 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=None, help="and only their first N samples")
     parser.add_argument("--decode-workers", default=None, metavar="N,M",
                         help="the teacher pass alone with each of these score.decode_workers (e.g. 1,2)")
+    parser.add_argument("--image-size", type=int, default=64,
+                        help="--decode-workers: the shards' stored image size (above the teacher's, each is resized)")
     parser.add_argument("--pairs", type=int, default=4000, help="--decode-workers: pairs timed (plus a warm-up shard)")
     args = parser.parse_args()
     config = load_config(args.config)
     cfg = config.score
     if args.decode_workers:
         counts = [int(n) for n in args.decode_workers.split(",")]
-        decode_workers_bench(counts, args.pairs, args.model or config.train.model, cfg.batch_size, cfg.threads)
+        decode_workers_bench(counts, args.pairs, args.model or config.train.model, cfg.batch_size, cfg.threads,
+                             args.image_size)
         return
     model = args.model or cfg.model or config.train.model
     checkpoint = str(Path(config.run_dir()) / "checkpoints" / "best.pt")
