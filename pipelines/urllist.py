@@ -73,13 +73,29 @@ def validate_url_list(path: str, workdir: str, fmt: str = "auto", url_col: str =
     if rows == 0:
         raise InputError(f"{path}: the url list is empty")
     duplicates = duplicate_rows_on_disk(checked, math.ceil(rows / partition_rows), workdir, batch_rows)
-    valid, rejected = split_rows(mark_duplicates(pl.scan_parquet(checked), duplicates))
-    valid.sink_parquet(os.path.join(workdir, "_input.parquet"))
-    rejected.sink_parquet(os.path.join(workdir, "_rejected.parquet"))
+    writers: dict[str, pq.ParquetWriter] = {}
+    valid_rows = 0
+
+    def valid_batches() -> Iterator[pl.DataFrame]:  # each batch split and written, its valid rows to the digest
+        nonlocal valid_rows
+        for batch in pq.ParquetFile(checked).iter_batches(batch_rows, use_threads=False):
+            valid, rejected = split_rows(mark_duplicates(pl.from_arrow(batch), duplicates))
+            for name, df in (("_input.parquet", valid), ("_rejected.parquet", rejected)):
+                table = df.to_arrow()
+                if name not in writers:
+                    writers[name] = pq.ParquetWriter(os.path.join(workdir, name), table.schema)
+                if df.height:
+                    writers[name].write_table(table)
+            valid_rows += valid.height
+            yield valid
+
+    try:
+        digest = rows_digest(valid_batches())
+    finally:
+        for writer in writers.values():
+            writer.close()
     os.remove(checked)
-    valid_rows = pq.ParquetFile(os.path.join(workdir, "_input.parquet"))
-    return {"rows": rows, "valid": valid_rows.metadata.num_rows, "rejected": rows - valid_rows.metadata.num_rows,
-            "digest": rows_digest(pl.from_arrow(b) for b in valid_rows.iter_batches(batch_rows, use_threads=False))}
+    return {"rows": rows, "valid": valid_rows, "rejected": rows - valid_rows, "digest": digest}
 
 
 def read_url_list(path: str, fmt: str = "auto", url_col: str = "url", caption_col: str = "caption",
