@@ -70,16 +70,20 @@ def embed_files(folder: Path, n: int, dim: int, seed: int = 0) -> None:
             "image_emb_0": scatter([image], list(range(m)), m, dim), "text_emb_0": scatter([text], list(range(m)), m, dim)}))
 
 
-def make_inputs(root: Path, n: int, dim: int) -> None:
+def make_inputs(root: Path, n: int, dim: int, steps: list[str]) -> None:
+    """What the steps read: embeddings and a teacher for the score steps, tables for the later ones, the url list."""
     from bench.audit import synthetic
     from bench.urllist import write_list
     from train.models import create_model, save_checkpoint
 
-    embed_files(root / "embed", n, dim)
-    synthetic(root / "tables", n)
-    write_list(root / "list.tsv", n)
-    model = create_model("softcurate-tiny", None, "cpu")[0]  # the globals read its logit scale only
-    save_checkpoint(model, root / "teacher.pt")
+    if {"globals", "neighbours", "score tasks", "summary"} & set(steps):
+        embed_files(root / "embed", n, dim)
+        model = create_model("softcurate-tiny", None, "cpu")[0]  # the globals read its logit scale only
+        save_checkpoint(model, root / "teacher.pt")
+    if {"summary", "audit", "curate", "curate + dedup"} & set(steps):
+        synthetic(root / "tables", n)
+    if "urls" in steps:
+        write_list(root / "list.tsv", n)
 
 
 # ---------------------------------------------------------------- one step, in a child process
@@ -201,7 +205,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
             root = Path(tmp)
             started = time.perf_counter()
-            make_inputs(root, n, args.dim)
+            make_inputs(root, n, args.dim, args.steps)
             du = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) / 2**30
             print(f"{n:,} pairs: inputs {du:.1f} GiB in {time.perf_counter() - started:.0f} s", flush=True)
             for step in args.steps:
