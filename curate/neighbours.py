@@ -155,6 +155,22 @@ def deserialize_index(data: bytes) -> faiss.Index:
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
+def merge_ondisk(index: faiss.Index, parts: list[str], ivfdata: str) -> None:
+    """Move the inverted lists of the part index files into the empty trained index, stored in the file ivfdata
+    that the index then maps. faiss.contrib.ondisk.merge_ondisk, but each part is kept open until the merge is
+    done and then closed: the contrib version disowns the parts' lists, which leaves their files mapped."""
+    loaded = [faiss.read_index(part, faiss.IO_FLAG_MMAP) for part in parts]  # mapped, not read into memory
+    ivf = faiss.extract_index_ivf(index)
+    invlists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, ivfdata)
+    sources = faiss.InvertedListsPtrVector()
+    for part in loaded:
+        sources.push_back(faiss.extract_index_ivf(part).invlists)
+    index.ntotal = ivf.ntotal = invlists.merge_from_multiple(sources.data(), sources.size(), False)
+    ivf.replace_invlists(invlists, True)  # the index owns them now
+    invlists.this.disown()
+    del sources, loaded
+
+
 def write_index(index: faiss.Index, f) -> None:
     """serialize_index's bytes into the binary file object f, streamed: no second copy of the index in memory."""
     faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))

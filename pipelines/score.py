@@ -300,7 +300,7 @@ def build_shard_index(shards: list[str], read, path: str, factory: str, seed: in
 
     Taken from autofaiss's build under a memory budget: train the empty index on a bounded sample, add the
     embeddings part by part into partial indexes on disk, and merge their inverted lists into one file
-    (faiss.contrib.ondisk.merge_ondisk) that the index maps instead of holding. Not taken: its index-factory
+    (as faiss.contrib.ondisk.merge_ondisk) that the index maps instead of holding. Not taken: its index-factory
     search (the factory is given) and its random training sample (here the TRAIN_SIZE smallest seeded key
     ranks, curate.scores.key_ranks, so it does not depend on shard order). The driver holds the sample and one
     part (PART_ROWS rows) at most; each score worker maps the lists, so the page cache holds them once.
@@ -350,8 +350,6 @@ def build_shard_index(shards: list[str], read, path: str, factory: str, seed: in
 def ondisk_index(shards: list[str], read, stem: str, trained: str):
     """The trained index holding every shard, its inverted lists merged into stem.ivfdata from partial indexes
     of about PART_ROWS rows each (stem.parts/, kept until the merge is done; a part on disk is not rebuilt)."""
-    from faiss.contrib.ondisk import merge_ondisk
-
     per_part = max(1, PART_ROWS // max(1, len(read(shards[0])[1]))) if shards else 1
     parts = []
     for i in range(0, len(shards), per_part):
@@ -368,7 +366,7 @@ def ondisk_index(shards: list[str], read, stem: str, trained: str):
     index = read_index(trained)
     if os.path.exists(stem + ".ivfdata"):
         os.remove(stem + ".ivfdata")  # a merge killed midway: lists are rewritten whole
-    merge_ondisk(index, parts, stem + ".ivfdata")
+    nn.merge_ondisk(index, parts, stem + ".ivfdata")
     shutil.rmtree(stem + ".parts", ignore_errors=True)
     return index
 
