@@ -200,6 +200,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args.child[0], args.child[1], args.child[2], int(args.child[3]))
+    needs = {"neighbours": "globals", "score tasks": "neighbours", "summary": "neighbours"}
+    for step in args.steps:  # a step reads what an earlier one left (the globals' state, the index)
+        if step in needs and needs[step] not in args.steps:
+            parser.error(f"--steps: {step!r} needs {needs[step]!r} too")
     results = {}
     for n in args.sizes:
         with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
