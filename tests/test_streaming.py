@@ -13,12 +13,13 @@ from conftest import config_for
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from curate.policies import apply_policy, duplicate_clusters
+from curate.policies import apply_policy
 from curate.scores import NOISY_WHEN, auroc, detection_report
 from pipelines import audit
 from pipelines.curate import run_curate
 from pipelines.io import SCORE_COLUMNS, read_parquet, read_scores, read_table, read_truth, with_truth, write_parquet
 from pipelines.score import summarize
+from test_policies import clusters_of
 
 PER_SHARD, SHARDS, K = 300, 3, 4
 
@@ -139,7 +140,7 @@ def test_streamed_keep_list_is_byte_identical_to_the_eager_one(root, tmp_path, p
 @pytest.mark.parametrize("side, min_sim", [("image", 0.97), ("text", 0.9), ("image", 1.01)])
 def test_clusters_from_streamed_edges_are_the_eager_ones(root, side, min_sim):
     scores = pl.concat([pl.read_parquet(p) for p in sorted((root / "scores").glob("*.parquet"))])
-    streamed = duplicate_clusters(scores.select("key"), side, min_sim, scores.lazy())
+    streamed = clusters_of(scores.select("key"), side, min_sim, scores.lazy())
     assert (streamed == reference_clusters(scores, side, min_sim)).all()
     assert len(set(streamed)) < len(scores) or min_sim > 1
 
