@@ -89,13 +89,14 @@ def global_facts(parts: list[Part], steps: list[dict], keys) -> dict:
     columns = sorted({TOP[s["kind"]] for s in steps if s["kind"] in TOP} | ({"clean_prob"} if dedups(steps) else set()))
     if not columns:
         return facts
-    ids = np.empty(starts[-1], dtype=np.int64)
-    values = {c: np.empty(starts[-1], dtype=np.float64) for c in columns}
+    ids, values = np.empty(starts[-1], dtype=np.int64), {}
     for part, start, end in zip(parts, starts, starts[1:]):
         table = part(["key", *columns]).collect(engine="streaming")
         ids[start:end] = keys.ids(table["key"])
-        for c in columns:  # missing values as the steps see them
-            values[c][start:end] = table[c].fill_null(-1.0 if c == "clean_prob" else -np.inf).to_numpy()
+        for c in columns:  # missing values as the steps see them, in the column's own type
+            column = table[c].fill_null(-1.0 if c == "clean_prob" else -np.inf).to_numpy()
+            values.setdefault(c, np.empty(starts[-1], dtype=column.dtype))[start:end] = column
+    values = {c: values.get(c, np.empty(0)) for c in columns}  # no pairs at all
     for i, step in enumerate(steps):
         if step["kind"] in TOP:
             facts["steps"][i] = top_cut(values[TOP[step["kind"]]], ids, step["fraction"])
@@ -114,11 +115,11 @@ def top_cut(values: np.ndarray, ids: np.ndarray, fraction: float) -> dict:
     n_keep = int(round(fraction * np.isfinite(values).sum()))
     if n_keep == 0:
         return {"n_keep": 0, "value": np.inf}
-    order = np.where(np.isnan(values), np.inf, -values)  # missing values last, as a sort puts NaN
+    order = np.where(np.isnan(values), np.inf, -values.astype(np.float64))  # missing values last, as a sort puts NaN
     at = np.partition(order, n_keep - 1)[n_keep - 1]
     tied = np.flatnonzero(order == at)
     row = tied[np.lexsort((tied, ids[tied]))][n_keep - 1 - int((order < at).sum())]
-    return {"n_keep": n_keep, "value": float(values[row]), "order": at, "id": ids[row], "row": row}
+    return {"n_keep": n_keep, "value": float(values[row]), "order": float(at), "id": ids[row], "row": row}
 
 
 def duplicate_clusters(parts: list[Part], starts: np.ndarray, side: str, min_sim: float, keys,
@@ -127,8 +128,9 @@ def duplicate_clusters(parts: list[Part], starts: np.ndarray, side: str, min_sim
 
     Only the edges above min_sim are held, as two integer arrays; a neighbour's key is found by its
     id (a repeated key names its last row)."""
-    by_id = np.argsort(ids, kind="stable")
-    sorted_ids = ids[by_id]
+    in_order = bool(np.all(ids[1:] >= ids[:-1]))  # as the shard stage writes them: no sort to hold
+    by_id = None if in_order else np.argsort(ids, kind="stable")
+    sorted_ids = ids if in_order else ids[by_id]
     rows, cols = [], []
     nn_keys, nn_sims = f"{side}_nn_keys", f"{side}_nn_sims"
     for part, start in zip(parts, starts):
@@ -138,7 +140,7 @@ def duplicate_clusters(parts: list[Part], starts: np.ndarray, side: str, min_sim
         at = np.searchsorted(sorted_ids, nn, side="right") - 1
         hit = (at >= 0) & (sorted_ids[at.clip(0)] == nn)
         rows.append(edges["i"].to_numpy()[found][hit].astype(np.int64) + start)
-        cols.append(by_id[at[hit]])
+        cols.append(at[hit] if in_order else by_id[at[hit]])
     rows, cols = np.concatenate([np.empty(0, np.int64), *rows]), np.concatenate([np.empty(0, np.int64), *cols])
     n = len(ids)
     graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))
