@@ -67,8 +67,9 @@ def write_parquet(path: str, df: pl.DataFrame) -> None:
 
 
 def sink_parquet(path: str, schema: dict, frames: Iterator[pl.DataFrame]) -> None:
-    """Frames one after another as one parquet file, by polars' writer, a frame at a time: the bytes
-    `write_parquet` gives their concatenation when it is held as these chunks."""
+    """Frames one after another as one parquet file, by polars' writer, a frame at a time. The bytes are
+    `write_parquet`'s of their concatenation while that is one row group (the tests' and the demo's
+    sizes); beyond, the rows are the same and the row groups may be cut elsewhere."""
     source = register_io_source(lambda *_: frames, schema=schema)  # asked once, for one pass
     with atomic_open(path) as f:
         source.sink_parquet(f, engine="streaming")

@@ -67,3 +67,10 @@ def test_steps_compose_and_reweighting_keeps_everything(table):
 def test_a_policy_that_keeps_nothing(table):
     result = apply_policy(table, [{"kind": "clean_prob", "min": 0.99}])
     assert not result["keep"].any() and result["reason"].null_count() == 0
+
+
+def test_rows_in_any_order_get_the_same_decisions(table):
+    # ties are broken by key, and a neighbour is found by its key wherever its row is
+    steps = [{"kind": "dedup", "side": "image", "min_sim": 0.98}, {"kind": "cosine_top", "fraction": 0.6}]
+    forward = apply_policy(table, steps)
+    assert apply_policy(table.reverse(), steps).reverse().equals(forward) and not forward["keep"].all()

@@ -13,6 +13,7 @@ import pytest
 from conftest import config_for
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+from test_policies import clusters_of
 
 from curate.policies import apply_policy
 from curate.scores import NOISY_WHEN, auroc, detection_report
@@ -20,7 +21,6 @@ from pipelines import audit
 from pipelines.curate import run_curate
 from pipelines.io import SCORE_COLUMNS, read_parquet, read_scores, read_table, read_truth, with_truth, write_parquet
 from pipelines.score import summarize
-from test_policies import clusters_of
 
 PER_SHARD, SHARDS, K = 300, 3, 4
 
