@@ -8,7 +8,6 @@ Shards whose scores are missing are reported on the page and left out; nothing e
 
 from __future__ import annotations
 
-import functools
 import io
 import itertools
 from collections import Counter
@@ -18,7 +17,7 @@ import polars as pl
 from PIL import Image
 
 from curate import report
-from curate.policies import NumericKeys, decide, global_facts, policy_columns
+from curate.policies import decide, policy_columns
 from curate.scores import auroc
 from pipelines.config import Config, join
 from pipelines.io import (
@@ -30,6 +29,7 @@ from pipelines.io import (
     record_stage,
     scan_parquet,
     scan_scores,
+    score_facts,
     score_files,
     with_truth,
     write_json,
@@ -51,7 +51,7 @@ def run_audit(config: Config) -> dict:
         "teacher": summary.get("teacher"),
         "noise": noise_facts(scored, summary, cfg.bootstrap, config.seed),
         "counts": count_facts(config, samples, len(scored), failures),
-        "policies": policy_facts(config, [functools.partial(scan_parquet, path) for path in paths.values()]),
+        "policies": policy_facts(config, list(paths.values())),
         "sources": source_facts(scored),
         "missing_scores": missing,
         "warnings": [],
@@ -133,11 +133,11 @@ def count_facts(config: Config, samples: int, scored: int, failures: dict) -> di
             "reconciled": input_rows == scored + failed + counts.get("failures", 0), "failures_by_reason": by_reason}
 
 
-def policy_facts(config: Config, parts: list) -> list[dict]:
+def policy_facts(config: Config, paths: list[str]) -> list[dict]:
     """What the configured policy, and each of its steps alone, would keep: the steps' global facts
     once, then each shard's decisions under each choice of steps."""
     steps = [step.model_dump(exclude_defaults=True) for step in config.curate.policy]
-    facts = global_facts(parts, steps, NumericKeys())
+    parts, facts = score_facts(config, paths, steps)
     choices = [(s["kind"], describe(s), [i]) for i, s in enumerate(steps)]
     choices += [("all steps together", "", list(range(len(steps))))] if len(steps) > 1 else []
     kept = [0] * len(choices)

@@ -12,7 +12,6 @@ exported shards are for other trainers (`python -m open_clip_train.main --train-
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 from collections import Counter
@@ -23,7 +22,7 @@ import numpy as np
 import polars as pl
 import webdataset as wds
 
-from curate.policies import DECISION, NumericKeys, decisions, global_facts
+from curate.policies import DECISION, decisions
 from pipelines.config import Config, join
 from pipelines.io import (
     TMP,
@@ -32,7 +31,7 @@ from pipelines.io import (
     read_parquet,
     read_shard,
     record_stage,
-    scan_parquet,
+    score_facts,
     score_files,
     sink_parquet,
     write_json,
@@ -51,8 +50,7 @@ def run_curate(config: Config, export: bool | None = None) -> dict:
         print(f"curate: WARNING: no scores for {len(missing)} shard(s) ({', '.join(missing)}): their samples are left out")
     steps = [step.model_dump(exclude_defaults=True) for step in cfg.policy]
     # the cuts and cluster keepers over every pair first, then the decisions a shard at a time
-    parts = [functools.partial(scan_parquet, path) for path in paths.values()]
-    facts = global_facts(parts, steps, NumericKeys())
+    parts, facts = score_facts(config, list(paths.values()), steps)
     prepare_output(out, "curate")
     counts = {"pairs": 0, "kept": 0, "dropped_by": Counter()}
 

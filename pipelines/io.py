@@ -8,6 +8,7 @@ digest, versions, outputs, counts).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -123,6 +124,17 @@ def scan_scores(config: Config, columns: list[str] = SCORE_COLUMNS) -> tuple[pl.
     paths, names, missing = score_files(config)
     frames = [scan_parquet(path, columns).with_columns(shard=pl.lit(name)) for name, path in paths.items()]
     return pl.concat(frames), names, missing
+
+
+def score_facts(config: Config, paths: list[str], steps: list[dict]) -> tuple[list, dict]:
+    """The scores files as the policy's parts, and the steps' global facts over them (curate.policies)."""
+    from curate.policies import NumericKeys, global_facts
+
+    parts = [functools.partial(scan_parquet, path) for path in paths]
+    try:
+        return parts, global_facts(parts, steps, NumericKeys())
+    except ValueError as err:  # keys that are not img2dataset's
+        raise ConfigError(f"{config.score_dir()}: {err}") from None
 
 
 def read_scores(config: Config, columns: list[str] = SCORE_COLUMNS) -> tuple[pl.DataFrame, list[str], list[str]]:
