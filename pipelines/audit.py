@@ -9,13 +9,15 @@ Shards whose scores are missing are reported on the page and left out; nothing e
 from __future__ import annotations
 
 import io
+import itertools
+from collections import Counter
 
 import numpy as np
 import polars as pl
 from PIL import Image
 
 from curate import report
-from curate.policies import apply_policy
+from curate.policies import decide, policy_columns
 from curate.scores import auroc
 from pipelines.config import Config, join
 from pipelines.io import (
@@ -27,6 +29,8 @@ from pipelines.io import (
     record_stage,
     scan_parquet,
     scan_scores,
+    score_facts,
+    score_files,
     with_truth,
     write_json,
 )
@@ -37,21 +41,17 @@ SCALARS = ["key", "row", "status", "error", "cosine", "dn_score", "loss", "clean
 
 def run_audit(config: Config) -> dict:
     cfg = config.audit
-    frame, names, missing = scan_scores(config)
-    # the scalar columns and each pair's source; neighbour lists and captions are read for the few pairs shown
-    scores = frame.select(*SCALARS, "shard").collect(engine="streaming")
-    table = with_sources(config, scores, names)
+    paths, names, missing = score_files(config)
     summary = read_json(join(config.score_dir(), "_summary.json"), {})
     truth = read_truth(config.truth)
-    if truth is not None:
-        table = with_truth(config, table, truth)
-    scored = table.filter(pl.col("status") == "scored")
+    # the scored pairs' scalars and source, read a shard at a time; failures counted, not kept
+    scored, samples, failures = scored_pairs(config, paths, truth)
     facts = {
         "title": f"Noise audit of {config.root}",
         "teacher": summary.get("teacher"),
         "noise": noise_facts(scored, summary, cfg.bootstrap, config.seed),
-        "counts": count_facts(config, table),
-        "policies": policy_facts(table, config, frame),
+        "counts": count_facts(config, samples, len(scored), failures),
+        "policies": policy_facts(config, list(paths.values())),
         "sources": source_facts(scored),
         "missing_scores": missing,
         "warnings": [],
@@ -61,6 +61,7 @@ def run_audit(config: Config) -> dict:
         facts["detection"] = detection_facts(known, cfg.threshold)
     if len(scored) == 0:
         facts["warnings"].append("no pair could be scored: every figure below is empty")
+    frame = scan_scores(config)[0]
     galleries = gallery_facts(config, names, frame, scored, cfg.gallery_size, cfg.duplicate_sim)
     thumbs = thumbnails(config, {item["key"] for items in galleries.values() for item in items})
     figures = report.histograms(scored, summary.get("mixture"))
@@ -83,13 +84,26 @@ def shard_rows(config: Config, names: list[str], columns: list[str]) -> pl.LazyF
 
 
 def with_sources(config: Config, scores: pl.DataFrame, names: list[str]) -> pl.DataFrame:
-    """Scores with each sample's source (its url's host, from its shard's parquet)."""
-    sources = shard_rows(config, names, ["key", "url"]).select(
-        "key", source=pl.col("url").str.extract(r"^[a-zA-Z][a-zA-Z0-9+.-]*://([^/:?#]+)", 1))
+    """Scores with each sample's url and source (the url's host, from its shard's parquet)."""
+    sources = shard_rows(config, names, ["key", "url"]).with_columns(
+        source=pl.col("url").str.extract(r"^[a-zA-Z][a-zA-Z0-9+.-]*://([^/:?#]+)", 1))
     return (scores.lazy().join(sources, on="key", how="left", maintain_order="left")
             .with_columns(pl.col("source").fill_null("unknown")).collect(engine="streaming"))
 
 
+def scored_pairs(config: Config, paths: dict[str, str], truth: pl.DataFrame | None) -> tuple[pl.DataFrame, int, dict]:
+    """The scored pairs (key, scores, source as a category, and their labels given a truth table), the
+    number of samples, and the failed ones by error; each shard read alone with its own sources."""
+    parts, samples, failures = [], 0, Counter()
+    for name, path in paths.items():
+        table = with_sources(config, scan_parquet(path, SCALARS).collect(engine="streaming"), [name])
+        if truth is not None:
+            table = with_truth(config, table, truth)
+        samples += len(table)
+        failures.update(dict(table.filter(pl.col("status") == "failed")["error"].value_counts().iter_rows()))
+        parts.append(table.filter(pl.col("status") == "scored")
+                     .select(pl.exclude("row", "status", "error", "url", "source"), pl.col("source").cast(pl.Categorical)))
+    return pl.concat(parts), samples, failures
 def noise_facts(scored: pl.DataFrame, summary: dict, resamples: int, seed: int) -> dict:
     """1 - mean(clean_prob), with a bootstrap interval over pairs (on at most 100k of them)."""
     clean = scored["clean_prob"].to_numpy().astype(np.float64)
@@ -105,31 +119,36 @@ def noise_facts(scored: pl.DataFrame, summary: dict, resamples: int, seed: int) 
             "noisy_component_weight": noise.get("noisy_component_weight")}
 
 
-def count_facts(config: Config, table: pl.DataFrame) -> dict:
+def count_facts(config: Config, samples: int, scored: int, failures: dict) -> dict:
     """Counts that reconcile with the shard stage: input rows = scored + failed (score) + failed (shard)."""
     shard = read_json(join(config.shard_dir(), "_summary.json"), {})
     counts = shard.get("counts", {})
-    failures = [{"stage": "shard", "reason": f"{r['status']}: {r['reason']}", "count": r["count"]}
-                for r in shard.get("failures_by_reason", [])]
-    score_failures = table.filter(pl.col("status") == "failed").group_by("error").len().sort("len", "error", descending=[True, False])
-    failures += [{"stage": "score", "reason": e, "count": c} for e, c in score_failures.iter_rows()]
-    scored = int((table["status"] == "scored").sum())
-    failed = len(table) - scored
-    input_rows = counts.get("input_rows", len(table))
-    return {"input_rows": input_rows, "samples": len(table), "scored": scored, "failed": failed,
+    by_reason = [{"stage": "shard", "reason": f"{r['status']}: {r['reason']}", "count": r["count"]}
+                 for r in shard.get("failures_by_reason", [])]
+    by_reason += [{"stage": "score", "reason": e, "count": c} for e, c in sorted(failures.items(), key=lambda x: (-x[1], x[0] is not None, x[0] or ""))]
+    failed = samples - scored
+    input_rows = counts.get("input_rows", samples)
+    return {"input_rows": input_rows, "samples": samples, "scored": scored, "failed": failed,
             "rejected": counts.get("rejected", 0), "download_failures": counts.get("failures", 0) - counts.get("rejected", 0),
-            "reconciled": input_rows == scored + failed + counts.get("failures", 0), "failures_by_reason": failures}
+            "reconciled": input_rows == scored + failed + counts.get("failures", 0), "failures_by_reason": by_reason}
 
 
-def policy_facts(table: pl.DataFrame, config: Config, neighbours: pl.LazyFrame | None = None) -> list[dict]:
-    """What the configured policy, and each of its steps alone, would keep."""
+def policy_facts(config: Config, paths: list[str]) -> list[dict]:
+    """What the configured policy, and each of its steps alone, would keep: the steps' global facts
+    once, then each shard's decisions under each choice of steps."""
     steps = [step.model_dump(exclude_defaults=True) for step in config.curate.policy]
-    rows = []
-    for label, setting, chosen in [*((s["kind"], describe(s), [s]) for s in steps),
-                                   *((("all steps together", "", steps),) if len(steps) > 1 else ())]:
-        kept = int(apply_policy(table, chosen, neighbours)["keep"].sum())
-        rows.append({"policy": label, "threshold": setting, "kept": kept, "kept_fraction": kept / len(table) if len(table) else 0.0})
-    return rows
+    parts, facts = score_facts(config, paths, steps)
+    choices = [(s["kind"], describe(s), [i]) for i, s in enumerate(steps)]
+    choices += [("all steps together", "", list(range(len(steps))))] if len(steps) > 1 else []
+    kept = [0] * len(choices)
+    for i, part in enumerate(parts):
+        table = part(policy_columns(steps)).collect(engine="streaming")
+        for j, (_, _, chosen) in enumerate(choices):
+            chosen_facts = {**facts, "steps": [facts["steps"][c] for c in chosen]}
+            kept[j] += int(decide(table, [steps[c] for c in chosen], chosen_facts, i)["keep"].sum())
+    pairs = int(facts["starts"][-1])
+    return [{"policy": label, "threshold": setting, "kept": k, "kept_fraction": k / pairs if pairs else 0.0}
+            for (label, setting, _), k in zip(choices, kept)]
 
 
 def describe(step: dict) -> str:
@@ -152,7 +171,7 @@ def policy_curves(scored: pl.DataFrame) -> dict[str, dict]:
 
 def source_facts(scored: pl.DataFrame) -> list[dict]:
     by_source = (scored.group_by("source").agg(pairs=pl.len(), mean_clean_prob=pl.col("clean_prob").mean())
-                 .with_columns(estimated_noise=1 - pl.col("mean_clean_prob")).sort("pairs", "source", descending=[True, False]))
+                 .with_columns(pl.col("source").cast(pl.String), estimated_noise=1 - pl.col("mean_clean_prob")).sort("pairs", "source", descending=[True, False]))
     return by_source.head(50).to_dicts()
 
 
@@ -181,11 +200,13 @@ FIELDS = ["key", "caption", "url", "clean_prob", "cosine"]  # a gallery card's
 
 def gallery_facts(config: Config, names: list[str], frame: pl.LazyFrame, scored: pl.DataFrame, size: int,
                   duplicate_sim: float) -> dict[str, list[dict]]:
-    picked = {
-        "mismatches": scored.sort("clean_prob", "key").head(size),
-        "cleanest": scored.sort("clean_prob", "key", descending=[True, False]).head(size),
-        "borderline": scored.with_columns(gap=(pl.col("clean_prob") - 0.5).abs()).sort("gap", "key").head(size),
-    }
+    pairs = scored.lazy().select("key", "clean_prob")  # top-k selections: no sorted copy of every pair
+    picked = pl.collect_all([
+        pairs.sort("clean_prob", "key").head(size),
+        pairs.sort("clean_prob", "key", descending=[True, False]).head(size),
+        pairs.with_columns(gap=(pl.col("clean_prob") - 0.5).abs()).sort("gap", "key").head(size),
+    ])
+    picked = dict(zip(("mismatches", "cleanest", "borderline"), picked))
     by_key = card_fields(config, names, scored, pl.concat([p["key"] for p in picked.values()]))
     galleries = {name: [by_key[k] for k in rows["key"]] for name, rows in picked.items()}
     anchors = frame.filter(pl.col("status") == "scored")
@@ -211,13 +232,16 @@ def duplicate_groups(config: Config, names: list[str], frame: pl.LazyFrame, scor
     are taken in order, `batch` at a time, with the fields of them and their neighbours alone.
     """
     lists = frame.select("key", nn=pl.col(f"{side}_nn_keys"), sims=pl.col(f"{side}_nn_sims"))
-    order = (lists.select("key", top=pl.col("sims").list.first()).filter(pl.col("top") >= min_sim)
-             .sort("top", "key", descending=[True, False]).collect(engine="streaming"))
+    anchors = (lists.select("key", top=pl.col("sims").list.first()).filter(pl.col("top") >= min_sim)
+               .sort("top", "key", descending=[True, False]))
     shown: set[str] = set()
     groups: list[dict] = []
     wanted = max(1, size // 2)
-    for start in range(0, len(order), batch):
-        keys = order.slice(start, batch).select("key").with_row_index("at")
+    for start in itertools.count(0, batch):
+        # the next batch of anchors: the first start + batch (a top-k), not all of them
+        keys = anchors.head(start + batch).collect(engine="streaming").slice(start).select("key").with_row_index("at")
+        if len(keys) == 0:
+            break
         chunk = lists.join(keys.lazy(), on="key").sort("at").drop("at").collect(engine="streaming")
         near = chunk.select("nn", "sims").explode("nn", "sims").filter(pl.col("sims") >= min_sim)["nn"]
         by_key = card_fields(config, names, scored, pl.concat([chunk["key"], near]))

@@ -1,6 +1,6 @@
 """The curate stage: a selection policy over the scores -> a keep-list, and (--export) curated shards.
 
-    scores/NNNNN.parquet ─▶ curate.policies.apply_policy ─▶ curated/keep.parquet (key, keep, weight, reason)
+    scores/NNNNN.parquet ─▶ curate.policies (global facts, then a shard at a time) ─▶ curated/keep.parquet (key, keep, weight, reason)
     --export: shards/NNNNN.tar ─▶ curated/NNNNN.tar (kept samples + their score fields, evenly sized)
                                 └▶ curated/unpaired_images/, curated/unpaired_texts/ (MMCL's unpaired pools;
                                    a mismatched image keeps its caption as txt, for aligned batching)
@@ -14,13 +14,15 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from collections import Counter
+from typing import Iterator
 
 import fsspec
 import numpy as np
 import polars as pl
 import webdataset as wds
 
-from curate.policies import apply_policy, policy_columns
+from curate.policies import DECISION, decisions
 from pipelines.config import Config, join
 from pipelines.io import (
     TMP,
@@ -29,9 +31,10 @@ from pipelines.io import (
     read_parquet,
     read_shard,
     record_stage,
-    scan_scores,
+    score_facts,
+    score_files,
+    sink_parquet,
     write_json,
-    write_parquet,
 )
 
 MISMATCH = ("clean_prob", "cosine", "dn_score")  # reasons that say the caption does not fit the image
@@ -42,27 +45,35 @@ CAPTION_ERRORS = ("empty caption", "caption is not UTF-8", "no caption in the sa
 def run_curate(config: Config, export: bool | None = None) -> dict:
     cfg = config.curate
     out = config.curate_dir()
-    frame, names, missing = scan_scores(config)
+    paths, names, missing = score_files(config)
     if missing:
         print(f"curate: WARNING: no scores for {len(missing)} shard(s) ({', '.join(missing)}): their samples are left out")
     steps = [step.model_dump(exclude_defaults=True) for step in cfg.policy]
-    # scalar columns only: the neighbour lists (most of a scores file) are streamed by a dedup step
-    columns = sorted({*policy_columns(steps), *EXPORTED, "shard"})
-    scores = frame.select(columns).collect(engine="streaming")
-    decisions = apply_policy(scores, steps, frame).with_columns(shard=scores["shard"])
+    # the cuts and cluster keepers over every pair first, then the decisions a shard at a time
+    parts, facts = score_facts(config, list(paths.values()), steps)
     prepare_output(out, "curate")
-    write_parquet(join(out, "keep.parquet"), decisions.drop("shard"))
-    kept = int(decisions["keep"].sum())
-    summary = {"policy": steps, "pairs": len(decisions), "kept": kept, "dropped": len(decisions) - kept,
-               "kept_fraction": kept / len(decisions) if len(decisions) else 0.0,
-               "dropped_by": dropped_by(decisions), "missing_scores": missing, "keep_list": join(out, "keep.parquet")}
+    counts = {"pairs": 0, "kept": 0, "dropped_by": Counter()}
+
+    def counted() -> Iterator[pl.DataFrame]:
+        for _, part in decisions(parts, steps, facts):
+            counts["pairs"] += len(part)
+            counts["kept"] += int(part["keep"].sum())
+            counts["dropped_by"].update(dropped_by(part))
+            yield part
+
+    sink_parquet(join(out, "keep.parquet"), DECISION, counted())
+    pairs, kept = counts["pairs"], counts["kept"]
+    summary = {"policy": steps, "pairs": pairs, "kept": kept, "dropped": pairs - kept,
+               "kept_fraction": kept / pairs if pairs else 0.0, "dropped_by": dict(sorted(counts["dropped_by"].items())),
+               "missing_scores": missing, "keep_list": join(out, "keep.parquet")}
     if kept == 0:
-        print(f"curate: WARNING: the policy {steps} keeps none of the {len(decisions)} pairs; nothing exported, "
+        print(f"curate: WARNING: the policy {steps} keeps none of the {pairs} pairs; nothing exported, "
               "and training on this keep-list is refused. Loosen the policy (e.g. a lower clean_prob min).")
     elif export if export is not None else cfg.export:
-        summary["export"] = export_shards(config, decisions, scores, names)
+        scored = zip(paths, decisions(parts, steps, facts, EXPORTED))  # computed again, a shard at a time
+        summary["export"] = export_shards(config, scored, kept, names)
     write_json(join(out, "_summary.json"), summary)
-    record_stage(config, "curate", {"output": out, "kept": kept, "pairs": len(decisions)})
+    record_stage(config, "curate", {"output": out, "kept": kept, "pairs": pairs})
     print_summary(summary)
     return summary
 
@@ -73,8 +84,11 @@ def dropped_by(decisions: pl.DataFrame) -> dict[str, int]:
     return dict(sorted(kinds.value_counts().iter_rows()))
 
 
-def export_shards(config: Config, decisions: pl.DataFrame, scores: pl.DataFrame, names: list[str]) -> dict:
-    """Kept samples into evenly sized tars (with their scores in the json), and the unpaired pools."""
+def export_shards(config: Config, scored: Iterator[tuple[str, tuple[pl.DataFrame, pl.DataFrame]]], kept: int,
+                  names: list[str]) -> dict:
+    """Kept samples into evenly sized tars (with their scores in the json), and the unpaired pools.
+
+    `scored` gives each scored shard's name, scores (the EXPORTED fields) and decisions, in shard order."""
     cfg = config.curate
     out = config.curate_dir()
     fs, out_path = fsspec.core.url_to_fs(out)
@@ -84,20 +98,22 @@ def export_shards(config: Config, decisions: pl.DataFrame, scores: pl.DataFrame,
     for pool in ("unpaired_images", "unpaired_texts"):
         if fs.exists(f"{out_path}/{pool}"):
             fs.rm(f"{out_path}/{pool}", recursive=True)
-    kept = decisions.filter(pl.col("keep"))
-    n_shards = math.ceil(len(kept) / cfg.samples_per_shard)
-    sizes = [len(kept) // n_shards + (i < len(kept) % n_shards) for i in range(n_shards)]
-    fields = scores.select(*EXPORTED, "shard").join(decisions.select("key", "weight"), on="key")
-    # one shard's decisions and fields at a time as Python objects
-    fields = fields.partition_by("shard", as_dict=True, include_key=False)
-    parts = decisions.select("shard", "key", "reason").partition_by("shard", as_dict=True, include_key=False)
+    n_shards = math.ceil(kept / cfg.samples_per_shard)
+    sizes = [kept // n_shards + (i < kept % n_shards) for i in range(n_shards)]
     curated = Writer(out, sizes)
     pools = {"images": Writer(join(out, "unpaired_images"), None, cfg.samples_per_shard),
              "texts": Writer(join(out, "unpaired_texts"), None, cfg.samples_per_shard)}
+    scored = iter(scored)
+    pending = next(scored, None)
     for name in names:
-        part = parts.get((name,), pl.DataFrame(schema={"key": pl.String, "reason": pl.String}))
-        decision = dict(zip(part["key"].to_list(), part["reason"].to_list()))
-        by_key = {row["key"]: row for row in fields[(name,)].iter_rows(named=True)} if (name,) in fields else {}
+        decision, by_key = {}, {}  # a shard without scores
+        if pending is not None and pending[0] == name:
+            # one shard's decisions and fields at a time as Python objects
+            scores, part = pending[1]
+            decision = dict(zip(part["key"].to_list(), part["reason"].to_list()))
+            fields = scores.select(*EXPORTED).with_columns(weight=part["weight"])
+            by_key = {row["key"]: row for row in fields.iter_rows(named=True)}
+            pending = next(scored, None)
         for sample in read_shard(join(config.shard_dir(), name + ".tar")):
             key = sample["__key__"]
             if key not in decision:

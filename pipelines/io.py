@@ -8,16 +8,19 @@ digest, versions, outputs, counts).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import platform
 from importlib import metadata
+from typing import Iterator
 
 import fsspec
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+from polars.io.plugins import register_io_source
 
 from pipelines.config import Config, ConfigError, dump_config, is_local, join
 from train.files import TMP, atomic_open, atomic_write  # noqa: F401  (the stages write through these)
@@ -64,6 +67,15 @@ def write_parquet(path: str, df: pl.DataFrame) -> None:
         df.write_parquet(f)
 
 
+def sink_parquet(path: str, schema: dict, frames: Iterator[pl.DataFrame]) -> None:
+    """Frames one after another as one parquet file, by polars' writer, a frame at a time. The bytes are
+    `write_parquet`'s of their concatenation while that is one row group (the tests' and the demo's
+    sizes); beyond, the rows are the same and the row groups may be cut elsewhere."""
+    source = register_io_source(lambda *_: frames, schema=schema)  # asked once, for one pass
+    with atomic_open(path) as f:
+        source.sink_parquet(f, engine="streaming")
+
+
 def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
     """A pyarrow Table, read without a thread pool (score tasks run in Dask workers)."""
     with fsspec.open(path, "rb") as f:
@@ -94,21 +106,35 @@ def finished_shards(config: Config) -> list[str]:
     return [join(config.shard_dir(), name) for name in done["shards"]]
 
 
+def score_files(config: Config) -> tuple[dict[str, str], list[str], list[str]]:
+    """The scores file of every complete shard that has one, by shard name in shard order, the
+    shards' names, and the names of those whose scores are missing."""
+    names = [os.path.basename(url).removesuffix(".tar") for url in finished_shards(config)]
+    paths = {name: join(config.score_dir(), name + ".parquet") for name in names}
+    missing = [name for name in names if not exists(paths[name])]
+    if len(missing) == len(names):
+        raise ConfigError(f"no scores in {config.score_dir()} for the {len(names)} shards; run the score stage first")
+    return {name: path for name, path in paths.items() if name not in missing}, names, missing
+
+
 def scan_scores(config: Config, columns: list[str] = SCORE_COLUMNS) -> tuple[pl.LazyFrame, list[str], list[str]]:
     """A lazy scan of every complete shard's scores (`columns`, and the shard's name as `shard`), in shard
     order, the shards' names, and the names of those whose scores are missing. Collect only the
     columns a step needs, with `engine="streaming"`."""
-    names = [os.path.basename(url).removesuffix(".tar") for url in finished_shards(config)]
-    frames, missing = [], []
-    for name in names:
-        path = join(config.score_dir(), name + ".parquet")
-        if not exists(path):
-            missing.append(name)
-            continue
-        frames.append(scan_parquet(path, columns).with_columns(shard=pl.lit(name)))
-    if not frames:
-        raise ConfigError(f"no scores in {config.score_dir()} for the {len(names)} shards; run the score stage first")
+    paths, names, missing = score_files(config)
+    frames = [scan_parquet(path, columns).with_columns(shard=pl.lit(name)) for name, path in paths.items()]
     return pl.concat(frames), names, missing
+
+
+def score_facts(config: Config, paths: list[str], steps: list[dict]) -> tuple[list, dict]:
+    """The scores files as the policy's parts, and the steps' global facts over them (curate.policies)."""
+    from curate.policies import NumericKeys, global_facts
+
+    parts = [functools.partial(scan_parquet, path) for path in paths]
+    try:
+        return parts, global_facts(parts, steps, NumericKeys())
+    except ValueError as err:  # keys that are not img2dataset's
+        raise ConfigError(f"{config.score_dir()}: {err}") from None
 
 
 def read_scores(config: Config, columns: list[str] = SCORE_COLUMNS) -> tuple[pl.DataFrame, list[str], list[str]]:

@@ -27,6 +27,7 @@ from PIL import Image
 
 from pipelines.config import ConfigError, load_config
 from pipelines.fetch import BoundedResizer, public_opener
+from pipelines.io import score_facts
 from pipelines.shard import failure_reason
 from pipelines.urllist import INTERNAL_HOST, InputError, read_url_list, validate_rows
 from pipelines.world_server import serve_world
@@ -299,3 +300,11 @@ def test_ragged_csv_and_a_byte_order_mark(tmp_path):
     (tmp_path / "bom.tsv").write_bytes(b"\xef\xbb\xbfhttp://x.org/a.jpg\tfirst\nhttp://x.org/b.jpg\tsecond\n")
     valid, rejected = validate_rows(read_url_list(str(tmp_path / "bom.tsv")))
     assert valid["url"].to_list() == ["http://x.org/a.jpg", "http://x.org/b.jpg"] and rejected.height == 0
+
+
+@pytest.mark.parametrize("keys", [["1", "22"], ["a1", "b2"]])
+def test_keys_that_are_not_img2datasets_stop_a_policy_with_one_line(tmp_path, keys):
+    pl.DataFrame({"key": keys, "cosine": [0.1, 0.2]}).write_parquet(tmp_path / "00000.parquet")
+    config = load_config(None, [f"root={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"sample keys must be img2dataset's \(digits of one width\)"):
+        score_facts(config, [str(tmp_path / "00000.parquet")], [{"kind": "cosine_top", "fraction": 0.5}])

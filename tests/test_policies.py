@@ -3,7 +3,7 @@
 import polars as pl
 import pytest
 
-from curate.policies import apply_policy, duplicate_clusters
+from curate.policies import TableKeys, apply_policy, global_facts
 
 
 @pytest.fixture
@@ -23,6 +23,13 @@ def table():
     }, schema_overrides={"clean_prob": pl.Float32, "cosine": pl.Float32, "dn_score": pl.Float32})
 
 
+def clusters_of(table, side, min_sim, neighbours=None):
+    """The cluster labels a dedup step finds, over `neighbours` (the table's rows in order) or the table."""
+    whole = table.lazy() if neighbours is None else neighbours
+    step = {"kind": "dedup", "side": side, "min_sim": min_sim}
+    return global_facts([lambda columns: whole.select(columns)], [step], TableKeys(table["key"]))["steps"][0]["clusters"]
+
+
 def kept(result):
     return result.filter(pl.col("keep"))["key"].to_list()
 
@@ -40,7 +47,7 @@ def test_top_fraction_by_cosine_and_dn(table):
 
 
 def test_dedup_keeps_the_cleanest_of_each_cluster(table):
-    clusters = duplicate_clusters(table, "image", 0.98)
+    clusters = clusters_of(table, "image", 0.98)
     assert clusters[0] == clusters[1] and len(set(clusters[2:5])) == 3
     assert kept(apply_policy(table, [{"kind": "dedup", "side": "image", "min_sim": 0.98}])) == ["a", "c", "d", "e"]
     text = apply_policy(table, [{"kind": "dedup", "side": "text", "min_sim": 0.99}])
@@ -60,3 +67,10 @@ def test_steps_compose_and_reweighting_keeps_everything(table):
 def test_a_policy_that_keeps_nothing(table):
     result = apply_policy(table, [{"kind": "clean_prob", "min": 0.99}])
     assert not result["keep"].any() and result["reason"].null_count() == 0
+
+
+def test_rows_in_any_order_get_the_same_decisions(table):
+    # ties are broken by key, and a neighbour is found by its key wherever its row is
+    steps = [{"kind": "dedup", "side": "image", "min_sim": 0.98}, {"kind": "cosine_top", "fraction": 0.6}]
+    forward = apply_policy(table, steps)
+    assert apply_policy(table.reverse(), steps).reverse().equals(forward) and not forward["keep"].all()
