@@ -17,6 +17,7 @@ from functools import partial
 
 import fsspec
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -24,6 +25,7 @@ import torch
 
 from curate import neighbours as nn
 from curate.dn import dn_center, normalise
+from curate.policies import NumericKeys
 from curate.scores import clean_probability, cosine_score, pair_loss, pair_posterior
 from curate.teacher import (
     BadSample,
@@ -249,10 +251,7 @@ def scored_embeddings(path: str, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def key_ids(keys: list[str]) -> np.ndarray:
     """img2dataset keys are zero-padded shard and sample numbers, so each is also an int64 id."""
-    try:
-        return np.asarray([int(k) for k in keys], dtype=np.int64)
-    except ValueError:
-        raise ValueError(f"sample keys must be numeric (img2dataset's), got e.g. {keys[:3]}") from None
+    return NumericKeys().ids(pl.Series(keys, dtype=pl.String))
 
 
 def score_shard(embed_path: str, out: str, state: dict, search: dict, threads: int) -> dict:
