@@ -14,13 +14,26 @@ row of the rows file for every seed, with the same budget, as the compare stage 
 its rows (pipelines/compare.py). A row with `teachers: [self, pretrained]` runs once per teacher
 (named ROW and ROW_pretrained); `pairs: oracle` trains on the oracle shards. A row's result is
 written to <results>/<world>/<row>_s<seed>.json (--results, default docs/results/efficacy) and skipped when it exists, so the run
-can be spread over several sessions. The table (mean +- std over seeds, gains paired by seed, the
+can be spread over several sessions. What every row reads (the scores of each teacher, so the teachers too) is
+rebuilt by each session's chain; its digests go to <results>/<world>/inputs.json, and a session whose
+rebuilt inputs differ stops before training rather than mix two versions in one table.
+
+On 2 cores, rows run fastest as two single-threaded processes (configs/efficacy: workers 0, threads 1);
+processes started with --rows-only share the rows (each takes the next one no other process holds):
+
+    python bench/efficacy.py CONFIGS --prepare-only                         # teachers, worlds, scores
+    python bench/efficacy.py CONFIGS --rows-only & python bench/efficacy.py CONFIGS --rows-only
+
+The table (mean +- std over seeds, gains paired by seed, the
 share of the raw -> oracle gap recovered) goes to <results>/<world>/<rows file>.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import hashlib
 import json
 import re
 import shutil
@@ -137,6 +150,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run only these rows (names after expansion, e.g. softclip_teacher_pretrained)")
     parser.add_argument("--seeds", type=int, nargs="*", help="override the seeds of the rows file")
     parser.add_argument("--tables-only", action="store_true", help="only table the results already written")
+    parser.add_argument("--prepare-only", action="store_true", help="build the teachers, worlds and scores; train no row")
+    parser.add_argument("--rows-only", action="store_true",
+                        help="train the rows of a prepared run; several such processes share the rows")
     parser.add_argument("--doc", help="refresh the tables of this document (docs/RESULTS.md) from the results")
     parser.add_argument("--smoke", action="store_true", help="a tiny world, one seed, four rows, a few steps (CI)")
     parser.add_argument("--results", default=None, help=f"default {RESULTS.relative_to(ROOT)} (smoke: a temporary folder)")
@@ -152,16 +168,21 @@ def main() -> None:
         overrides = [f"root={tmp}/world", *SMOKE["world"]]
         teacher_overrides = [f"root={tmp}/teacher", *SMOKE["teacher"]]
         results_dir = Path(args.results) if args.results else Path(tmp) / "results"
-    load = (lambda path, extra: load_config(path, extra)) if args.tables_only else prepare_world
+    prepare = not (args.tables_only or args.rows_only)
+    load = prepare_world if prepare else (lambda path, extra: load_config(path, extra))
     trained = {name: load(t["config"], teacher_overrides) for name, t in teachers.items()}
     worlds = {Path(path).stem: load(path, overrides) for path in args.configs}
     plans = {}
     for world, config in worlds.items():
         scores = {name: teacher_scores(config, name, teacher) for name, teacher in trained.items()}
         plan = expand_rows(rows, scores)
-        if not args.tables_only:
+        if prepare:
             for name, settings in scores.items():  # every teacher scores this world's shards once
                 run_score(config.model_copy(update={"score": config.score.model_copy(update=settings)}))
+            check_inputs(results_dir / world, input_digests(config, scores))
+        elif not args.tables_only and not (results_dir / world / "inputs.json").exists():
+            sys.exit(f"efficacy: {world} is not prepared; run with --prepare-only first")
+        if not args.tables_only:
             if any(row.get("pairs") == "oracle" for row in plan.values()):
                 oracle = oracle_shards(config)
                 plan = {n: ({**{k: v for k, v in r.items() if k != "pairs"}, "shards": oracle}
@@ -169,14 +190,16 @@ def main() -> None:
         plans[world] = {n: r for n, r in plan.items() if not args.only or n in args.only}
     seeds = args.seeds or seeds
     # seed-major, so that a run stopped part-way has every row and world at the first seeds
-    for seed in [] if args.tables_only else seeds:
-        for world, config in worlds.items():
-            for name, row in plans[world].items():
-                path = results_dir / world / f"{name}_s{seed}.json"
-                fresh = not path.exists()
-                result = run_once(config, name, row, seed, budget, str(results_dir / world))
-                if fresh:  # which code trained it: runs spread over sessions must not mix versions unseen
-                    write_json(str(path), {**result, "commit": commit()})
+    jobs = [(seed, world, name) for seed in seeds for world in worlds for name in plans[world]]
+    for seed, world, name in [] if args.tables_only or args.prepare_only else jobs:
+        path = results_dir / world / f"{name}_s{seed}.json"
+        with held(path.with_suffix(".lock")) as mine:
+            if not mine:  # another process is training it
+                continue
+            fresh = not path.exists()
+            result = run_once(worlds[world], name, plans[world][name], seed, budget, str(results_dir / world))
+            if fresh:  # which code trained it: runs spread over sessions must not mix versions unseen
+                write_json(str(path), {**result, "commit": commit()})
     by_world = {}
     for world, config in worlds.items():
         out = results_dir / world
@@ -199,6 +222,40 @@ def main() -> None:
     if tmp:
         print(f"smoke run: {tmp}")
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def held(lock: Path):
+    """Whether this process holds `lock` (flock: released when the process ends, however it ends)."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+def input_digests(config: Config, scores: dict[str, dict]) -> dict[str, str]:
+    """sha256 of each teacher's per-shard scores (the keep-lists, soft targets and clean_prob every row reads)."""
+    folders = {SELF: config.score_dir(), **{name: settings["output"] for name, settings in scores.items()}}
+    return {f"{name}/{path.name}": hashlib.sha256(path.read_bytes()).hexdigest()
+            for name, folder in folders.items() for path in sorted(Path(folder).glob("*.parquet"))}
+
+
+def check_inputs(out: Path, digests: dict[str, str]) -> None:
+    """Record the inputs the first time; later sessions must have rebuilt the same ones."""
+    path = out / "inputs.json"
+    if path.exists():
+        before = json.loads(path.read_text())["scores"]
+        if before != digests:
+            changed = sorted(k for k in {*before, *digests} if before.get(k) != digests.get(k))
+            sys.exit(f"efficacy: {out.name}: the rebuilt scores differ from the ones its results were trained on "
+                     f"({', '.join(changed[:4])}); table them apart (--results) or delete {out} to start again")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(str(path), {"commit": commit(), "scores": digests})
 
 
 def commit() -> str:
