@@ -209,7 +209,9 @@ def main() -> None:
                                      for name in plan for seed in seeds if (out / f"{name}_s{seed}.json").exists()]
         text = table(world, results, detection(config), plan, gap)
         (out / f"{Path(args.rows).stem}.md").write_text(text)
-        (out / "detection.md").write_text(detections(config, trained))
+        if found := detections(config, trained):  # the scores are here; else the detection the results keep
+            write_json(str(out / "detection.json"), found)
+        (out / "detection.md").write_text(detection_table(read_json(str(out / "detection.json"), {}) or {}))
         if results:
             (out / f"{Path(args.rows).stem}_curves.png").write_bytes(plot_curves(world, results))
         print("\n" + text)
@@ -267,29 +269,38 @@ def commit() -> str:
     return (head or "unknown") + ("-dirty" if dirty else "")
 
 
-def detections(config: Config, trained: dict[str, Config]) -> str:
-    """Noise detection by each teacher, overall and by kind of noise: the AUROC of each score against the
-    truth, the share clean_prob < 0.5 flags, the estimated noise rate beside the injected one."""
-    lines = []
+def detections(config: Config, trained: dict[str, Config]) -> dict:
+    """Each teacher's detection on this world (from its score summary, when the scores are here)."""
+    found = {}
     for name in [SELF, *trained]:
         folder = config.score_dir() if name == SELF else join(config.root, f"scores_{name}")
         summary = read_json(join(folder, "_summary.json"), {}) or {}
-        found, teacher = summary.get("detection") or {}, summary.get("teacher", {})
-        if not found:
-            continue
-        rate = found["noise_rate"]
-        scored = (f"loss averaged over {len(teacher.get('loss_averaged_over', []))} checkpoint(s) "
-                  f"({teacher.get('loss_rule', 'given')})")
-        lines += ["", f"**{name} teacher** ({teacher.get('model')}; {scored}): estimated noise rate "
+        if summary.get("detection"):
+            teacher = summary["teacher"]
+            epochs = teacher.get("epochs") or []
+            averaged = [epochs[j] if epochs else j for j in teacher["averaged"]]
+            found[name] = {"model": teacher["model"], "loss_rule": teacher["loss_rule"], "loss_averaged_over": averaged,
+                           **summary["detection"]}
+    return found
+
+
+def detection_table(found: dict) -> str:
+    """Noise detection by each teacher, overall and by kind of noise: the AUROC of each score against the
+    truth, the share clean_prob < 0.5 flags, the estimated noise rate beside the injected one."""
+    lines = []
+    for name, d in found.items():
+        rate, averaged = d["noise_rate"], d["loss_averaged_over"]
+        scored = (f"loss averaged over epochs {', '.join(map(str, averaged))} ({d['loss_rule']})" if len(averaged) > 1
+                  else "loss of its best checkpoint")
+        lines += ["", f"**{name} teacher** ({d['model']}; {scored}): estimated noise rate "
                       f"{rate['estimated']:.3f} against {rate['labelled']:.3f} injected; "
-                      f"{found['clean_flagged']:.1%} of the clean pairs flagged (clean_prob < 0.5)", "",
+                      f"{d['clean_flagged']:.1%} of the clean pairs flagged (clean_prob < 0.5)", "",
                   "| noise | pairs | flagged | AUROC clean_prob | AUROC loss | AUROC cosine | AUROC DN |",
                   "|---|---|---|---|---|---|---|"]
-        for kind, pairs, flagged, a in detection_rows(found):
+        for kind, pairs, flagged, a in detection_rows(d):
             lines.append(f"| {kind} | {pairs} | {'' if flagged is None else f'{flagged:.1%}'} | {a['clean_prob']:.3f} | "
                          f"{a['loss']:.3f} | {a['cosine']:.3f} | {a['dn_score']:.3f} |")
     return "\n".join(lines).strip() + "\n" if lines else "(no scores with a labels table)\n"
-
 
 if __name__ == "__main__":
     try:

@@ -37,6 +37,10 @@ def test_efficacy_smoke_run_trains_every_row_with_both_teachers_and_writes_the_t
     assert "| softclip_teacher_pretrained | clip_raw |" in table and "gap recovered (clip_raw -> clip_oracle)" in table
     found = (tmp_path / "noise20" / "detection.md").read_text()  # detection by each teacher, by kind of noise
     assert "**self teacher**" in found and "**pretrained teacher**" in found and "| unrelated_caption |" in found
+    kept = json.loads((tmp_path / "noise20" / "detection.json").read_text())  # what a later --tables-only reads
+    assert set(kept) == {"self", "pretrained"} and "unrelated_caption" in kept["pretrained"]["by_kind"]
+    inputs = json.loads((tmp_path / "noise20" / "inputs.json").read_text())["scores"]
+    assert any(k.startswith("self/") for k in inputs) and any(k.startswith("pretrained/") for k in inputs)
     curves = (tmp_path / "noise20" / "rows_curves.png").read_bytes()
     assert curves.startswith(b"\x89PNG") and len(curves) > 5000  # a drawn figure, not an empty canvas
 
@@ -171,3 +175,21 @@ def test_training_reads_scores_from_the_folder_it_is_given():
 
     assert scores_path("/w/shards/00003.tar") == "/w/scores/00003.parquet"
     assert scores_path("/w/shards/00003.tar", "s3://b/scores_pretrained/") == "s3://b/scores_pretrained/00003.parquet"
+
+
+def test_a_row_held_by_one_process_is_passed_over_by_another(tmp_path):
+    """--rows-only processes share the rows: a lock held by a live process is not taken; once let go, it is."""
+    lock = tmp_path / "noise20" / "clip_raw_s0.lock"
+    probe = [sys.executable, "-c", f"import importlib.util, sys; s = importlib.util.spec_from_file_location('e', {str(ROOT / 'bench' / 'efficacy.py')!r}); "
+             f"e = importlib.util.module_from_spec(s); s.loader.exec_module(e)\nwith e.held(e.Path({str(lock)!r})) as mine: print(mine)"]
+    with efficacy.held(lock) as mine:
+        assert mine
+        assert subprocess.run(probe, capture_output=True, text=True, cwd=ROOT).stdout.strip() == "False"
+    assert subprocess.run(probe, capture_output=True, text=True, cwd=ROOT).stdout.strip() == "True"
+
+
+def test_rebuilt_inputs_that_differ_stop_the_run_before_it_mixes_them(tmp_path):
+    efficacy.check_inputs(tmp_path / "noise20", {"self/00000.parquet": "aa", "pretrained/00000.parquet": "bb"})
+    efficacy.check_inputs(tmp_path / "noise20", {"self/00000.parquet": "aa", "pretrained/00000.parquet": "bb"})  # same: fine
+    with pytest.raises(SystemExit, match=r"noise20: the rebuilt scores differ .*pretrained/00000.parquet"):
+        efficacy.check_inputs(tmp_path / "noise20", {"self/00000.parquet": "aa", "pretrained/00000.parquet": "cc"})
