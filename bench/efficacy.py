@@ -290,7 +290,8 @@ def detection_table(found: dict) -> str:
     lines = []
     for name, d in found.items():
         rate, averaged = d["noise_rate"], d["loss_averaged_over"]
-        scored = (f"loss averaged over epochs {', '.join(map(str, averaged))} ({d['loss_rule']})" if len(averaged) > 1
+        scored = ("each pair's loss from the fold teacher that never trained on it" if d["loss_rule"] == "held_out"
+                  else f"loss averaged over epochs {', '.join(map(str, averaged))} ({d['loss_rule']})" if len(averaged) > 1
                   else "loss of its best checkpoint")
         lines += ["", f"**{name} teacher** ({d['model']}; {scored}): estimated noise rate "
                       f"{rate['estimated']:.3f} against {rate['labelled']:.3f} injected; "

@@ -10,6 +10,8 @@ import hashlib
 
 import numpy as np
 
+FOLD_SEED = 6  # offset of the config seed for the held-out folds (pipelines/score.py's samples use 1-5)
+
 
 def key_ranks(keys: list[str], seed: int) -> np.ndarray:
     """A seeded pseudo-random rank per key: the n smallest are "a seeded sample of n pairs".
@@ -20,6 +22,26 @@ def key_ranks(keys: list[str], seed: int) -> np.ndarray:
     salt = f"{seed}:".encode()
     return np.fromiter((int.from_bytes(hashlib.blake2b(salt + k.encode(), digest_size=8).digest(), "little")
                         for k in keys), dtype=np.uint64, count=len(keys))
+
+
+def folds_of(keys: list[str], seed: int, folds: int) -> np.ndarray:
+    """Each pair's fold, from its key alone (the same in the train and score stages, in any shard order)."""
+    return (key_ranks(keys, seed + FOLD_SEED) % np.uint64(folds)).astype(np.int64)
+
+
+def held_out_loss(losses: list[np.ndarray], keys: list[str], seed: int) -> np.ndarray:
+    """Each pair's loss under the fold teacher that never trained on it. losses[0] is the whole teacher's,
+    losses[1 + k] the teacher trained without fold k: a pair it never saw cannot have been memorised
+    (a unique caption learnt as its image's name), so its loss says whether the caption fits the image."""
+    folds = folds_of(keys, seed, len(losses) - 1)
+    return np.stack(losses[1:], axis=1)[np.arange(len(keys)), folds]
+
+
+def pair_losses(teacher: dict, averaged: list[int], losses: list[np.ndarray], keys: list[str]) -> np.ndarray:
+    """Each pair's loss: under the held-out rule the fold teacher's that never saw it, else the mean over `averaged`."""
+    if teacher["loss_rule"] == "held_out":
+        return held_out_loss(losses, keys, teacher["fold_seed"])
+    return np.mean([losses[j] for j in averaged], axis=0)
 
 
 def cosine_score(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:

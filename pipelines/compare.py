@@ -81,7 +81,7 @@ def row_config(config: Config, name: str, row: dict, seed: int, budget: dict) ->
     if row.get("score"):
         config = config.model_copy(update={"score": config.score.model_copy(update=row["score"])})
     train = {k: v for k, v in row.items() if k not in COMPARE_DATA_KEYS}
-    values = {"train.name": f"compare_{name}_s{seed}", "train.seed": seed, "train.epoch_checkpoints": False,
+    values = {"train.name": f"compare_{name}_s{seed}", "train.seed": seed, "train.epoch_checkpoints": False, "train.folds": 1,
               "train.epochs": 1000, **{f"train.{k}": v for k, v in {**budget, **train}.items() if k != "unpaired"}}
     for key, value in row.get("unpaired", {}).items():
         values[f"train.unpaired.{key}"] = value

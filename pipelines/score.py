@@ -38,6 +38,7 @@ from curate.scores import (
     fit_mixture,
     key_ranks,
     pair_loss,
+    pair_losses,
     pair_posterior,
     temperature_noise_indicator,
 )
@@ -121,6 +122,7 @@ def teacher_spec(config: Config) -> dict:
             hint = " (train the teacher first: the train stage writes it)" if not cfg.checkpoints else ""
             raise ConfigError(f"score: teacher checkpoint {path} not found{hint}")
     return {"model": cfg.model or config.train.model, "checkpoints": checkpoints, "loss_rule": rule, "epochs": epochs,
+            **({"fold_seed": config.seed} if rule == "held_out" else {}),
             "digests": [file_digest(c) if looks_like_path(c) else c for c in checkpoints],
             "sentence_teacher": cfg.sentence_teacher, "device": pick_device(cfg.device).type,
             "bf16": cfg.precision == "bf16" or (cfg.precision == "auto" and pick_device(cfg.device).type == "cuda")}
@@ -131,6 +133,9 @@ def own_teacher(config: Config) -> tuple[list[str], str, list[int] | None]:
     `score.teacher_epochs` may average the loss over (docs/METHODS.md section 3); the rule; each one's epoch."""
     folder = join(config.run_dir(), "checkpoints")
     best = join(folder, "best.pt")
+    if config.train.folds > 1:  # held-out teachers (the train stage's folds): each pair's loss from the one that never saw it
+        return [best] + [join(f"{config.run_dir()}_fold{k}", "checkpoints", "best.pt") for k in range(config.train.folds)], \
+            "held_out", None
     rule = config.score.teacher_epochs
     if rule == "best":
         return [best], rule, None
@@ -242,7 +247,7 @@ def global_state(embed_paths: list[str], teacher: dict, cfg, seed: int) -> dict:
         checkpoints.append({"scale": scale, "mu_v": mu_v, "mu_t": mu_t, "bank_v": bank_v, "bank_t": bank_t})
     try:
         averaged, noise_by_epoch = loss_span(teacher, losses, seed)
-        mixture = fit_mixture(np.mean([losses[j] for j in averaged], axis=0), seed)
+        mixture = fit_mixture(pair_losses(teacher, averaged, losses, mix["key"].to_pylist()), seed)
     except ValueError as err:
         raise ConfigError(f"score: {err}; score more data or set score.mixture_samples higher") from None
     # The temperature indicator, from the first teacher: raw cosine of the DN sample's pairs vs the bank.
@@ -252,6 +257,7 @@ def global_state(embed_paths: list[str], teacher: dict, cfg, seed: int) -> dict:
     not_self = np.asarray(dn["key"].to_pylist())[:, None] != np.asarray(bank_keys)[None, :]
     indicator = temperature_noise_indicator(scales[0], cosine_score(v0, t0), (v0 @ bank_t0.T)[not_self], len(bank_keys) + 1)
     return {"checkpoints": checkpoints, "averaged": averaged, "noise_by_epoch": noise_by_epoch,
+            "teacher": {k: teacher[k] for k in ("loss_rule", "fold_seed") if k in teacher},  # how pair_losses picks
             "bank_keys": bank_keys, "mixture": mixture, "lambda": cfg.dn_lambda,
             "n_scored": n_scored, "temperature_indicator": indicator, "k": cfg.neighbours,
             "sample_sizes": {name: len(samples[name]) for name in sizes}}
@@ -259,7 +265,10 @@ def global_state(embed_paths: list[str], teacher: dict, cfg, seed: int) -> dict:
 
 def loss_span(teacher: dict, losses: list[np.ndarray], seed: int) -> tuple[list[int], dict | None]:
     """Which checkpoints' losses are averaged: all, but for the early rule the epochs up to the end of early
-    learning (curate.scores.early_learning_end), found on the mixture sample; with the noise found at each epoch."""
+    learning (curate.scores.early_learning_end), found on the mixture sample; with the noise found at each epoch.
+    The held-out rule averages none: each pair takes one fold teacher's loss (pair_losses)."""
+    if teacher["loss_rule"] == "held_out":
+        return [], None
     if teacher["loss_rule"] != "early":
         return list(range(len(losses))), None
     epochs = teacher["epochs"]
@@ -466,7 +475,9 @@ def print_summary(summary: dict) -> None:
     for reason, count in c["failed_by_reason"].items():
         print(f"  {count:>8}  {reason}")
     averaged = f"{len(t['averaged'])} checkpoint(s)"
-    if t["epochs"]:
+    if t["loss_rule"] == "held_out":
+        averaged = f"none: each pair's loss from the one of {len(t['checkpoints']) - 1} fold teachers that never saw it"
+    elif t["epochs"]:
         averaged = "epochs " + ", ".join(str(e) for e in sorted(t["epochs"][j] for j in t["averaged"]))
     print(f"  teacher {t['model']}: loss averaged over {averaged} ({t['loss_rule']}); embeddings, cosine and DN from "
           f"{t['checkpoints'][0]}, logit scale {t['logit_scale'][0]:.2f} (tau_s {t['tau_s']:.4f})")

@@ -26,7 +26,7 @@ import torch
 from curate import neighbours as nn
 from curate.dn import dn_center, normalise
 from curate.policies import NumericKeys
-from curate.scores import clean_probability, cosine_score, pair_loss, pair_posterior
+from curate.scores import clean_probability, cosine_score, pair_loss, pair_losses, pair_posterior
 from curate.teacher import (
     BadSample,
     embed,
@@ -272,7 +272,7 @@ def score_shard(embed_path: str, out: str, state: dict, search: dict, threads: i
         log_i2t, log_t2i = pair_posterior(v, t, ck["bank_v"], ck["bank_t"], ck["scale"], self_in_bank)
         logs.append((log_i2t, log_t2i))
         losses.append(pair_loss(log_i2t, log_t2i))
-    loss = np.mean([losses[j] for j in state["averaged"]], axis=0)
+    loss = pair_losses(state["teacher"], state["averaged"], losses, good_keys)
     v0, t0 = normalise(column(good, "image_emb_0")), normalise(column(good, "text_emb_0"))
     ck0 = state["checkpoints"][0]
     fields = {

@@ -9,8 +9,11 @@ import os
 import subprocess
 import sys
 
+import fsspec
+import polars as pl
+
 from pipelines.config import Config, ConfigError, join, load_config, save_config
-from pipelines.io import finished_shards, prepare_output, read_json, record_stage, write_json
+from pipelines.io import atomic_open, exists, finished_shards, prepare_output, read_json, record_stage, write_json
 
 
 def run_train(config: Config) -> dict:
@@ -34,7 +37,45 @@ def run_train(config: Config) -> dict:
     print(f"\ntrain summary: {summary['steps']} steps, {loss}, "
           f"{summary['skipped_samples']} bad samples skipped, best val R@1 {val}, "
           f"checkpoint {summary['final_checkpoint']}")
+    for k in range(config.train.folds if config.train.folds > 1 else 0):
+        run_train(fold_config(config, k))
     return summary
+
+
+def fold_config(config: Config, k: int) -> Config:
+    """The k-th held-out teacher: the teacher's settings, trained on the pairs outside fold k (a keep-list of
+    the shards' keys, within the teacher's own keep-list if it has one), with as many epochs."""
+    from curate.scores import folds_of
+
+    cfg = config.train
+    out = f"{config.run_dir()}_fold{k}"
+    keep = join(out, "fold_keep.parquet")
+    if not exists(keep):
+        table = fold_pairs(config)
+        table = table.with_columns(keep=pl.col("keep") & pl.Series(folds_of(table["key"].to_list(), config.seed, cfg.folds) != k))
+        with atomic_open(keep) as f:
+            table.write_parquet(f)
+    return config.model_copy(update={"train": cfg.model_copy(update={
+        "name": f"{cfg.name}_fold{k}", "output": out, "folds": 1, "keep_list": keep, "epoch_checkpoints": False})})
+
+
+def fold_pairs(config: Config) -> pl.DataFrame:
+    """key, keep, weight of every pair the teacher trains on: its keep-list, or the shards' downloaded pairs
+    (img2dataset's table beside each tar)."""
+    from train.data import expand_urls
+
+    if config.train.keep_list:
+        with fsspec.open(config.train.keep_list, "rb") as f:
+            return pl.read_parquet(f, columns=["key", "keep", "weight"])
+    tables = []
+    for url in expand_urls(config.train.shards):
+        path = url.removesuffix(".tar") + ".parquet"
+        if not exists(path):
+            raise ConfigError(f"train.folds: {path} not found; held-out teachers take the pairs' keys from each "
+                              f"shard's img2dataset table")
+        with fsspec.open(path, "rb") as f:
+            tables.append(pl.read_parquet(f, columns=["key", "status"]).filter(pl.col("status") == "success"))
+    return pl.concat(tables).select("key", keep=pl.lit(True), weight=pl.lit(1.0))
 
 
 def resolve(config: Config) -> Config:

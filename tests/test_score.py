@@ -154,6 +154,40 @@ def test_clean_prob_finds_the_injected_noise(scored, tmp_path):
     assert best["detection"]["auroc"]["cosine"] == summary["detection"]["auroc"]["cosine"]
 
 
+def test_held_out_teachers_score_each_pair_with_the_one_that_never_saw_it(scored, tmp_path):
+    """train.folds 2: two more teachers, each trained on the pairs outside one fold (by key); the score stage
+    then takes each pair's loss from the fold teacher that never trained on it, and fits the mixture on those."""
+    from curate.scores import folds_of
+
+    root, _ = scored
+    config = config_for(root, "train.folds=2", f"score.output={tmp_path / 'held'}")
+    run_train(config)
+    keys = pl.read_parquet(root / "shards" / "0*.parquet").filter(pl.col("status") == "success")["key"].to_list()
+    fold = folds_of(keys, config.seed, 2)
+    assert 0.4 < fold.mean() < 0.6  # two halves of about the same size
+    for k in range(2):
+        run = root / "runs" / f"teacher_fold{k}"
+        keep = pl.read_parquet(run / "fold_keep.parquet")
+        assert keep["key"].to_list() == keys and keep["keep"].to_list() == (fold != k).tolist()
+        done = json.loads((run / "_summary.json").read_text())
+        assert done["steps"] == EPOCHS * (int((fold != k).sum()) // 100)  # as many epochs of its own pairs
+    summary = run_score(config)
+    assert summary["teacher"]["loss_rule"] == "held_out" and summary["teacher"]["averaged"] == []
+    assert summary["teacher"]["checkpoints"] == [str(root / "runs" / name / "checkpoints" / "best.pt")
+                                                 for name in ("teacher", "teacher_fold0", "teacher_fold1")]
+    scores = pl.read_parquet(tmp_path / "held" / "0*.parquet").filter(pl.col("status") == "scored")
+    per = np.asarray(scores["loss_by_checkpoint"].to_list())
+    held = per[np.arange(len(per)), 1 + folds_of(scores["key"].to_list(), config.seed, 2)]
+    assert np.allclose(scores["loss"].to_numpy(), held, rtol=1e-6)
+    assert not np.allclose(held, per[:, 0])  # not the whole teacher's loss
+    # the embeddings, cosine and neighbours stay the whole teacher's
+    default = pl.read_parquet(root / "scores" / "0*.parquet").filter(pl.col("status") == "scored")
+    assert scores["cosine"].equals(default["cosine"]) and scores["image_nn_keys"].equals(default["image_nn_keys"])
+    # clean_prob is the mixture's posterior on these held-out losses: the higher the loss, the less clean
+    order = np.argsort(scores["loss"].to_numpy(), kind="stable")
+    assert (np.diff(scores["clean_prob"].to_numpy()[order]) <= 1e-6).all() and summary["detection"] is not None
+
+
 def test_rerun_and_resume_give_the_same_bytes(scored, tmp_path):
     root, _ = scored
     again = tmp_path / "again"

@@ -336,3 +336,15 @@ def test_the_own_teachers_loss_epochs_follow_the_rule(tmp_path, capsys):
     assert resolve(load_config(None, settings)).train.epoch_checkpoints is True
     for override in ("score.teacher_epochs=best", "score.checkpoints=[b.pt]", "train.epoch_checkpoints=false"):
         assert resolve(load_config(None, [*settings, override])).train.epoch_checkpoints is False, override
+
+
+def test_folds_come_from_the_key_alone_and_the_held_out_loss_from_the_other_folds_teacher():
+    from curate.scores import folds_of, held_out_loss
+
+    keys = [f"{i:09d}" for i in range(3000)]
+    folds = folds_of(keys, 0, 3)
+    assert np.bincount(folds).min() > 900  # three folds of about a third
+    assert (folds_of(keys[::-1], 0, 3) == folds[::-1]).all()  # independent of order
+    assert (folds_of(keys, 1, 3) != folds).mean() > 0.5  # the seed redraws them
+    losses = [np.full(3000, -1.0)] + [np.full(3000, float(k)) for k in range(3)]  # the whole teacher, then fold k's
+    assert (held_out_loss(losses, keys, 0) == folds).all()
