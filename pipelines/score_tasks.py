@@ -114,7 +114,9 @@ def embed_shard(url: str, out: str, spec: dict, batch_size: int, threads: int, d
         columns[f"text_emb_{j}"] = scatter(text_out, good, len(samples), dim)
     if teacher["text"] is not None:
         sentence = [embed_captions(teacher["text"], captions)] if captions else []
-        columns["sentence_emb"] = scatter(sentence, good, len(samples), teacher["text"].get_sentence_embedding_dimension())
+        text = teacher["text"]  # sentence-transformers renamed the method in 6.x; 3.x-5.x have only the old name
+        width = (getattr(text, "get_embedding_dimension", None) or text.get_sentence_embedding_dimension)()
+        columns["sentence_emb"] = scatter(sentence, good, len(samples), width)
     write_table(out, pa.table(columns))
     return {"shard": os.path.basename(url), "samples": len(samples), "scored": len(good),
             "failed": len(samples) - len(good), "seconds": time.time() - started}
