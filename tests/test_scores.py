@@ -252,7 +252,7 @@ def test_score_shard_columns_against_a_hand_computation(tmp_path):
                    for scale in (14.0, 3.0)]  # two teachers with their own learned scales
     mixture = {"weights": [0.7, 0.3], "means": [1.0, 2.5], "variances": [0.4, 0.4]}  # equal variances: monotone
     state = {"bank_keys": bank_keys, "lambda": lam, "checkpoints": checkpoints, "mixture": mixture, "k": 0,
-             "averaged": [0, 1]}
+             "averaged": [0, 1], "teacher": {"loss_rule": "given"}}
     score_shard(str(tmp_path / "embed.parquet"), str(tmp_path / "scores.parquet"), state, {"method": "none"}, 1)
     out = pq.read_table(tmp_path / "scores.parquet").to_pydict()
     score_shard(str(tmp_path / "embed.parquet"), str(tmp_path / "second.parquet"), {**state, "averaged": [1]},
