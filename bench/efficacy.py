@@ -24,6 +24,8 @@ processes started with --rows-only share the rows (each takes the next one no ot
     python bench/efficacy.py CONFIGS --prepare-only                         # teachers, worlds, scores
     python bench/efficacy.py CONFIGS --rows-only & python bench/efficacy.py CONFIGS --rows-only
 
+bench/efficacy_lanes.sh does the whole table that way (teachers beside worlds, then rows in two lanes).
+
 The table (mean +- std over seeds, gains paired by seed, the
 share of the raw -> oracle gap recovered) goes to <results>/<world>/<rows file>.md.
 """
