@@ -139,6 +139,8 @@ def refresh(doc: Path, results_dir: Path) -> None:
     """Replace each `<!-- table FILE -->...<!-- end table -->` block of a document with the table in
     results_dir/FILE (its title and detection line dropped: the document has its own)."""
     def body(match):
+        if not (results_dir / match[1]).exists():  # that world or rows file has not been tabled yet
+            return f"<!-- table {match[1]} -->\n(no results yet)\n<!-- end table -->"
         lines = (results_dir / match[1]).read_text().splitlines()
         kept = [line for line in lines if not line.startswith(("### ", "noise detection"))]
         return f"<!-- table {match[1]} -->\n" + "\n".join(kept).strip() + "\n<!-- end table -->"
