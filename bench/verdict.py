@@ -14,7 +14,7 @@ shows what has landed. The thresholds are the targets the benchmark was built ag
 | detection_self | detection.json | the self-taught teacher's clean_prob AUROC >= 0.95 on unrelated captions |
 | noise_rate | detection.json | every teacher's estimated rate within 5 points of the injected one |
 | clean_prob_vs_cosine | detection.json | clean_prob's AUROC >= the cosine's, every teacher |
-| gap | every row, 20% noise | some curation or soft-label row recovers >= 70% of raw -> oracle |
+| gap | every row, 20% noise | some curation or soft-label row recovers >= 70% of raw -> oracle (in R@1, or in the hard attribute where R@1's gap is < 0.02 or within 2 std) |
 | softclip | softclip_*_pretrained vs clip_raw | mean paired gain > 2 std of the paired gains, at 20% and 40% |
 | oblique | oblique_k16 vs clip_raw and its matched controls | K=16 gains over CLIP and over both controls, beyond 2 std |
 | mmcl | mmcl_sequential vs clip_curated_clean_prob | mean paired gain > 2 std |
@@ -33,13 +33,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipelines.compare import headline  # noqa: E402
+from pipelines.compare import HARD, headline  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = 3
 NOISE = ("noise20", "noise40")
 SECOND = "patterns20"
-HARD = ("shape", "pattern")  # the attribute a world's students must learn beyond colour
 
 
 def load(results_dir: Path) -> tuple[dict, dict]:
@@ -122,22 +121,34 @@ def every_teacher(found: dict, pair: str) -> tuple[str, str]:
     return status(len(found) == 3, ok, bool(found)), "; ".join(parts) or "no scores yet"
 
 
-def recovered(rows: dict, name: str) -> list[float]:
+def recovered(rows: dict, name: str, column: str) -> list[float]:
     raw, oracle, row = rows.get("clip_raw", {}), rows.get("clip_oracle", {}), rows.get(name, {})
-    seeds = [s for s in row if s in raw and s in oracle and oracle[s]["R@1 dot"] > raw[s]["R@1 dot"]]
-    return [(row[s]["R@1 dot"] - raw[s]["R@1 dot"]) / (oracle[s]["R@1 dot"] - raw[s]["R@1 dot"]) for s in seeds]
+    seeds = [s for s in row if s in raw and s in oracle and oracle[s][column] > raw[s][column]]
+    return [(row[s][column] - raw[s][column]) / (oracle[s][column] - raw[s][column]) for s in seeds]
+
+
+def gap_column(rows: dict) -> str:
+    """R@1, unless the raw -> oracle gap in it is under 0.02 or within 2 std of its seeds (retrieval at the test
+    split's ceiling): then the hard attribute's zero-shot accuracy, where the noise's damage still shows."""
+    gaps = paired(rows, "clip_oracle", "clip_raw")
+    oracle = next(iter(rows.get("clip_oracle", {}).values()), {})
+    hard = next((f"{h} top1 dot" for h in HARD if f"{h} top1 dot" in oracle), None)
+    if hard and (not gaps or np.mean(gaps) < 0.02 or np.mean(gaps) <= 2 * np.std(gaps)):
+        return hard
+    return "R@1 dot"
 
 
 def gap(runs: dict) -> tuple[str, str]:
     rows = runs.get("noise20", {})
-    shares = {name: recovered(rows, name) for name in rows if name not in ("clip_raw", "clip_oracle")}
+    column = gap_column(rows)
+    shares = {name: recovered(rows, name, column) for name in rows if name not in ("clip_raw", "clip_oracle")}
     shares = {name: v for name, v in shares.items() if v}
     if not shares:
-        return "pending", "no method row yet"
+        return "pending", f"no method row yet (gap read in {column})"
     best = max(shares, key=lambda n: np.mean(shares[n]))
     done = all(len(v) >= SEEDS for v in shares.values())
     return (status(done, np.mean(shares[best]) >= 0.7, True),
-            f"best {best}: {100 * np.mean(shares[best]):.0f}% +- {100 * np.std(shares[best]):.0f}% "
+            f"in {column}: best {best}: {100 * np.mean(shares[best]):.0f}% +- {100 * np.std(shares[best]):.0f}% "
             f"({len(shares[best])} seeds); {len(shares)} rows")
 
 

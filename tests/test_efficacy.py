@@ -157,6 +157,22 @@ def test_gap_recovered_is_the_rows_share_of_the_raw_to_oracle_gap_paired_by_seed
     assert "no gap (oracle <= raw)" in table("t", level, None, rows, {"raw": "raw", "oracle": "oracle"})
 
 
+def test_where_retrieval_saturates_the_gap_is_read_in_the_hard_attribute():
+    """Raw and oracle level in R@1 (both at the test split's ceiling) but apart in shape: the share of the shape
+    gap is reported beside R@1's (which has no gap to share)."""
+    from pipelines.compare import table, versus
+
+    def with_shape(row, seed, r1, shape):
+        result = run(row, seed, r1, r1)
+        result["test"]["zero_shot"]["shape"] = {"dot": {"top1": shape}, "dn": {"top1": shape}}
+        return result
+    results = [with_shape("raw", 0, 0.28, 0.50), with_shape("oracle", 0, 0.28, 1.00), with_shape("cur", 0, 0.28, 0.90)]
+    rows, gap = {"raw": {}, "oracle": {}, "cur": {"baseline": "raw"}}, {"raw": "raw", "oracle": "oracle"}
+    gains = versus(results, rows, gap)
+    assert gains["cur"]["recovered"] == [] and gains["cur"]["recovered_hard"] == pytest.approx([0.8])
+    assert "| no gap (oracle <= raw) | 80% +- 0% |" in table("t", results, None, rows, gap)
+
+
 def test_a_row_run_by_several_teachers_reads_each_teachers_scores_and_keeps_its_baseline_in_step():
     scores = {"pretrained": {"output": "/w/scores_pretrained", "model": "m", "checkpoints": ["/t/best.pt"]}}
     rows = {"raw": {"loss": "clip"},

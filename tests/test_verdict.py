@@ -77,3 +77,13 @@ def test_detection_claims_read_each_worlds_teachers(tmp_path):
     assert shown["detection with the self-taught teacher, default settings"] == "**no**"  # 0.90 on the shapes worlds
     assert shown["the mixture estimates the noise rate"] == "**no**"  # the pretrained teacher's 0.30 against 0.20
     assert shown["clean_prob ranks the noise at least as well as the cosine"] == "**yes**"
+
+
+def test_where_retrieval_is_level_the_gap_claim_reads_the_hard_attribute(tmp_path):
+    for seed in range(3):
+        write(tmp_path, "noise20", "clip_raw", seed, 0.28, hard=0.5)
+        write(tmp_path, "noise20", "clip_oracle", seed, 0.28 + 0.001 * seed, hard=1.0)
+        write(tmp_path, "noise20", "clip_curated_clean_prob", seed, 0.28, hard=0.9)
+    table = verdict.verdict(*verdict.load(tmp_path))
+    assert "in shape top1 dot: best clip_curated_clean_prob: 80%" in table
+    assert claims(tmp_path)["curation + soft labels recover the raw -> oracle gap"] == "**yes**"
