@@ -215,7 +215,7 @@ def main() -> None:
         (out / f"{Path(args.rows).stem}.md").write_text(text)
         if found := detections(config, trained):  # the scores are here; else the detection the results keep
             write_json(str(out / "detection.json"), found)
-        (out / "detection.md").write_text(detection_table(read_json(str(out / "detection.json"), {}) or {}))
+        (out / "detection.md").write_text(detection_table(found or read_json(str(out / "detection.json"), {}) or {}))
         if results:
             (out / f"{Path(args.rows).stem}_curves.png").write_bytes(plot_curves(world, results))
         print("\n" + text)

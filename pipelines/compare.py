@@ -187,13 +187,14 @@ def versus(results: list[dict], rows: dict, gap: dict | None = None) -> dict:
                      "dn_gain": [by[name, s]["R@1 dn"] - by[name, s]["R@1 dot"] for s in seeds]}
         if gap:
             out[name]["recovered"] = recovered(by, name, seeds, gap, "R@1 dot")
-            hard = next((h for h in HARD if f"{h} top1 dot" in by[name, seeds[0]]), None)
-            if hard:  # retrieval can saturate where an attribute still separates raw from oracle
-                out[name]["recovered_hard"] = recovered(by, name, seeds, gap, f"{hard} top1 dot")
+            if hard := hard_column(by[name, seeds[0]]):  # retrieval can saturate where an attribute still separates
+                out[name]["recovered_hard"] = recovered(by, name, seeds, gap, hard)
     return out
 
 
-HARD = ("shape", "pattern")  # the attribute a world's students must learn beyond colour
+def hard_column(numbers: dict) -> str | None:
+    """The zero-shot column of the attribute a world's students must learn beyond colour (shape, pattern)."""
+    return next((f"{h} top1 dot" for h in ("shape", "pattern") if f"{h} top1 dot" in numbers), None)
 
 
 def recovered(by: dict, name: str, seeds: list[int], gap: dict, column: str) -> list[float]:

@@ -62,20 +62,20 @@ def fold_config(config: Config, k: int) -> Config:
 def fold_pairs(config: Config) -> pl.DataFrame:
     """key, keep, weight of every pair the teacher trains on: its keep-list, or the shards' downloaded pairs
     (img2dataset's table beside each tar)."""
+    from pipelines.score_tasks import listed_rows
     from train.data import expand_urls
 
     if config.train.keep_list:
         with fsspec.open(config.train.keep_list, "rb") as f:
             return pl.read_parquet(f, columns=["key", "keep", "weight"])
-    tables = []
+    keys = []
     for url in expand_urls(config.train.shards):
-        path = url.removesuffix(".tar") + ".parquet"
-        if not exists(path):
-            raise ConfigError(f"train.folds: {path} not found; held-out teachers take the pairs' keys from each "
-                              f"shard's img2dataset table")
-        with fsspec.open(path, "rb") as f:
-            tables.append(pl.read_parquet(f, columns=["key", "status"]).filter(pl.col("status") == "success"))
-    return pl.concat(tables).select("key", keep=pl.lit(True), weight=pl.lit(1.0))
+        if not exists(url.removesuffix(".tar") + ".parquet"):
+            raise ConfigError(f"train.folds: {url.removesuffix('.tar')}.parquet not found; held-out teachers take the "
+                              f"pairs' keys from each shard's img2dataset table")
+        keys += listed_rows(url)
+    return pl.DataFrame({"key": keys, "keep": [True] * len(keys), "weight": [1.0] * len(keys)},
+                        schema={"key": pl.String, "keep": pl.Boolean, "weight": pl.Float64})
 
 
 def resolve(config: Config) -> Config:
@@ -83,7 +83,8 @@ def resolve(config: Config) -> Config:
     cfg = config.train
     update = {"seed": cfg.seed if cfg.seed is not None else config.seed, "output": config.run_dir()}
     if cfg.epoch_checkpoints is None:  # this run is the teacher the score stage averages over its epochs
-        update["epoch_checkpoints"] = not config.score.checkpoints and config.score.teacher_epochs != "best"
+        update["epoch_checkpoints"] = (not config.score.checkpoints and config.score.teacher_epochs != "best"
+                                       and cfg.folds == 1)  # held out (folds > 1), no epoch rule applies
     if not cfg.shards:
         try:
             update["shards"] = "::".join(finished_shards(config))
