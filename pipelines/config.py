@@ -265,6 +265,15 @@ class Config(Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     compare: CompareConfig = CompareConfig()
 
+    @model_validator(mode="after")
+    def held_out_teacher(self):
+        # Out-of-sample losses by default (cross-fitting, as confident learning does): a teacher trained on the
+        # noisy pairs memorises unique alt-text, one that never saw a pair cannot (docs/METHODS.md section 3)
+        if self.train.folds is None:
+            own = "train" in self.stages and "score" in self.stages and not self.score.checkpoints
+            self.train = self.train.model_copy(update={"folds": 2 if own else 1})
+        return self
+
     def world_dir(self) -> str:
         found = (self.world.dir if self.world and self.world.dir else None) or join(self.root, "world")
         if not is_local(found):  # the world is built with plain file writes and served from local files

@@ -78,9 +78,11 @@ class TrainConfig(Strict):
     epoch_checkpoints: Optional[bool] = option(
         None, "also keep checkpoints/epoch_NNN.pt at each epoch's end (teacher dynamics); unset: in a pipeline, kept when "
               "the score stage will average its teacher's epochs (score.checkpoints unset, teacher_epochs not best)")
-    folds: int = option(
-        1, "a teacher for the score stage: also train this many held-out teachers, each without one fold of the "
-           "pairs (by key), so that every pair is scored by a teacher that never saw it (score.teacher_epochs); 1: none", ge=1)
+    folds: Optional[int] = option(
+        None, "a teacher for the score stage: also train this many held-out teachers, each without one fold of the "
+              "pairs (by key), so that every pair is scored by a teacher that never saw it (score.teacher_epochs); 1: "
+              "none; unset: 2 in a pipeline whose score stage scores with this run (stages train and score, "
+              "score.checkpoints unset), else 1", ge=1)
     checkpoint_every: int = option(100, "save a resumable checkpoint every this many steps", ge=1)
     log_every: int = option(10, "write metrics every this many steps", ge=1)
     resume: bool = option(True, "continue from the run folder's latest checkpoint")
