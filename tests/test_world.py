@@ -6,6 +6,7 @@ import concurrent.futures
 import gc
 import hashlib
 import http.client
+import importlib.util
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import numpy as np
 import polars as pl
 import pytest
 import webdataset as wds
+from conftest import ROOT
 from PIL import Image
 
 from pipelines import world
@@ -620,3 +622,20 @@ def test_world_kind_and_max_objects_are_checked():
     with pytest.raises(ConfigError, match=r"world.max_objects.*greater than or equal to 1"):
         load_config(None, ["world.max_objects=0"])
     assert load_config(None, ["world.max_objects=3"]).world.max_objects == 3
+
+
+def test_the_changed_attribute_of_every_wrong_attribute_caption_is_named(truth, patterns_truth):
+    """bench/partial_captions.py splits one wrong attribute by the attribute changed: every such caption of
+    both worlds names one, and it is the attribute whose value differs from the true caption's."""
+    spec = importlib.util.spec_from_file_location("partial_captions", ROOT / "bench" / "partial_captions.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for kind, table in (("shapes", truth), ("patterns", patterns_truth)):
+        words = bench.word_attributes(kind)
+        wrong = table.filter(pl.col("noise_type") == "wrong_attribute")
+        named = [bench.changed_attribute(c, t, words) for c, t in zip(wrong["caption"], wrong["clean_caption"])]
+        assert wrong.height > 0 and "other" not in named, (kind, named)
+        for caption, clean, attr in zip(wrong["caption"], wrong["clean_caption"], named):
+            published = next(a for a, b in zip(caption.split(), clean.split()) if a != b).strip(",.;()")
+            assert words[published] == attr  # the published word names the same attribute, with another value
+

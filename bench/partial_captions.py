@@ -1,0 +1,90 @@
+"""How partial captions shape noise detection: the ablation behind the noise-rate overshoot, clean_prob
+against the cosine, and the wrong-attribute misses.
+
+A world's clean captions are full ("big checked swatch, green on white (left)") or partial ("polka-dot
+card"); a partial caption fits many images. For each teacher's scores of a world this prints, from the
+world's truth table (a benchmark may read it; no stage does):
+- the clean pairs flagged (clean_prob < 0.5) and their mean clean_prob, partial against full captions,
+  and the noise rate the mixture estimates against the injected one;
+- each noise kind's AUROC (loss, cosine, clean_prob) against all clean pairs and against the clean pairs
+  with a full caption only: how much of a miss the partial captions make;
+- one wrong attribute, split by the attribute changed (the one word in which the caption differs from
+  the true one), against both sets of clean pairs.
+
+    python bench/partial_captions.py data/efficacy20 scores scores_pretrained
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from curate.scores import auroc  # noqa: E402
+from pipelines.io import read_json  # noqa: E402
+from pipelines.worlds import generator  # noqa: E402
+
+SIGNALS = {"loss": 1.0, "cosine": -1.0, "clean_prob": -1.0}  # sign: high when noisy
+
+
+def word_attributes(kind: str) -> dict[str, str]:
+    """Every caption word of the world's generator -> the attribute it names."""
+    g = generator(kind)
+    words = {w: attr for attr, values in g.WORDS.items() for ws in values.values() for w in ws}
+    words |= {w: "shape" for w in getattr(g, "SHAPE_ADJECTIVES", {}).values()}  # "heart-shaped"
+    return words | {w: "pattern" for ws in getattr(g, "PATTERN_NOUNS", {}).values() for w in ws}
+
+
+def changed_attribute(caption: str, true_caption: str, words: dict[str, str]) -> str:
+    diff = [b for a, b in zip(caption.split(), true_caption.split()) if a != b]
+    return words.get(diff[0].strip(",.;()"), "other") if len(diff) == 1 else "other"
+
+
+def scored_pairs(root: Path, scores: str) -> pl.DataFrame:
+    truth = pl.read_parquet(root / "world" / "truth.parquet")
+    pairs = pl.read_parquet(root / scores / "*.parquet", columns=["row", "status", *SIGNALS])
+    return pairs.filter(pl.col("status") == "scored").join(truth, on="row")
+
+
+def aurocs(clean: pl.DataFrame, noisy: pl.DataFrame) -> dict[str, float]:
+    labels = np.r_[np.zeros(len(clean), bool), np.ones(len(noisy), bool)]
+    return {s: auroc(labels, sign * np.r_[clean[s].to_numpy(), noisy[s].to_numpy()]) for s, sign in SIGNALS.items()}
+
+
+def report(pairs: pl.DataFrame, words: dict[str, str]) -> list[str]:
+    clean, noisy = pairs.filter(~pl.col("noisy")), pairs.filter(pl.col("noisy"))
+    full = clean.filter(~pl.col("partial"))
+    lines = [f"  noise rate: estimated {1 - pairs['clean_prob'].mean():.3f}, injected {pairs['noisy'].mean():.3f}"]
+    for name, part in (("partial", clean.filter(pl.col("partial"))), ("full", full)):
+        lines.append(f"  clean, {name} captions: {len(part)} pairs ({len(part) / len(clean):.1%}), flagged "
+                     f"{(part['clean_prob'] < 0.5).mean():.1%}, mean clean_prob {part['clean_prob'].mean():.3f}")
+    lines.append(f"  {'AUROC against clean pairs':<34} {'pairs':>6} " + " ".join(f"{s + ' all/full':>20}" for s in SIGNALS))
+    groups = [("all noisy", noisy)] + [(k, noisy.filter(pl.col("noise_type") == k)) for k in sorted(noisy["noise_type"].unique())]
+    wrong = noisy.filter(pl.col("noise_type") == "wrong_attribute")
+    if len(wrong):
+        attr = [changed_attribute(c, t, words) for c, t in zip(wrong["caption"], wrong["clean_caption"])]
+        wrong = wrong.with_columns(changed=pl.Series(attr))
+        groups += [(f"  wrong {a}", wrong.filter(pl.col("changed") == a)) for a in sorted(set(attr))]
+    for name, group in groups:
+        a, f = aurocs(clean, group), aurocs(full, group)
+        lines.append(f"  {name:<34} {len(group):>6} " + " ".join(f"{a[s]:>10.3f} / {f[s]:.3f}" for s in SIGNALS))
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", type=Path, help="a world's dataset root (world/truth.parquet, the score folders)")
+    parser.add_argument("scores", nargs="+", help="score folders under the root, one per teacher")
+    args = parser.parse_args()
+    kind = read_json(str(args.root / "world" / "world.json"))["config"]["kind"]
+    words = word_attributes(kind)
+    for scores in args.scores:
+        print(f"{args.root.name} / {scores}")
+        print("\n".join(report(scored_pairs(args.root, scores), words)))
+
+
+if __name__ == "__main__":
+    main()
