@@ -11,7 +11,7 @@ shows what has landed. The thresholds are the targets the benchmark was built ag
 |---|---|---|
 | learning | clip_oracle, clip_raw | oracle hard attribute >= 0.8, colour >= 0.95, R@1 >= 0.19; oracle - raw > 2 std (in the gap claim's yardstick) |
 | detection_pretrained | detection.json | clean_prob AUROC >= 0.97 on swapped and unrelated captions, >= 0.85 on one wrong attribute |
-| detection_self | detection.json | the self-taught teacher's clean_prob AUROC >= 0.95 on unrelated captions |
+| detection_self | detection.json | the self-taught teacher, scored as by default (held-out fold teachers), has clean_prob AUROC >= 0.95 on unrelated captions |
 | noise_rate | detection.json | every teacher's estimated rate within 5 points of the injected one |
 | clean_prob_vs_cosine | detection.json | clean_prob's AUROC >= the cosine's, every teacher |
 | gap | every row, 20% noise | some curation or soft-label row recovers >= 70% of raw -> oracle (in R@1, or in the hard attribute where R@1's gap is < 0.02 or within 2 std) |
@@ -97,11 +97,14 @@ def kind_auroc(d: dict, kind: str) -> float | None:
     return d.get("by_kind", {}).get(kind, {}).get("auroc", {}).get("clean_prob")
 
 
-def detection_claim(found: dict, teacher: str, targets: dict[str, float]) -> tuple[str, str]:
+def detection_claim(found: dict, teacher: str, targets: dict[str, float], rule: str | None = None) -> tuple[str, str]:
+    """The teacher's clean_prob AUROC by kind on every world; `rule`: the loss rule the claim is about (the
+    default settings), which each world's teacher must have been scored with."""
     parts, ok, worlds = [], True, [w for w in (*NOISE, SECOND) if teacher in found.get(w, {})]
     for world in worlds:
         d = found[world][teacher]
-        cells = []
+        cells = [] if rule in (None, d["loss_rule"]) else [f"scored {d['loss_rule']}, not {rule}"]
+        ok &= not cells
         for kind, target in targets.items():
             value = kind_auroc(d, kind)
             ok &= value is not None and value >= target
@@ -196,7 +199,7 @@ def verdict(runs: dict, found: dict) -> str:
         ("detection with the pretrained teacher", "AUROC >= 0.97 on swapped and unrelated captions, >= 0.85 on one wrong attribute",
          detection_claim(found, "pretrained", {"swapped_caption": 0.97, "unrelated_caption": 0.97, "wrong_attribute": 0.85})),
         ("detection with the self-taught teacher, default settings", "AUROC >= 0.95 on unrelated captions",
-         detection_claim(found, "self", {"unrelated_caption": 0.95})),
+         detection_claim(found, "self", {"unrelated_caption": 0.95}, rule="held_out")),
         ("the mixture estimates the noise rate", "within +-5 points of the injected rate", every_teacher(found, "noise_rate")),
         ("clean_prob ranks the noise at least as well as the cosine", "AUROC clean_prob >= cosine",
          every_teacher(found, "clean_prob_vs_cosine")),

@@ -122,3 +122,15 @@ def test_the_world_fills_only_what_the_config_leaves_unset(tmp_path):
     assert not load_config(None, ["world.n_val=0"], {"world.n_train": 10}).train.val_shards  # no split, no default
     plain = load_config(None, [f"root={tmp_path}"])
     assert (plain.train.val_shards, plain.evaluate.data, plain.evaluate.tasks, plain.truth) == (None, None, {}, None)
+
+
+def test_a_pipelines_own_teacher_is_scored_held_out_unless_told_otherwise():
+    """train.folds unset: 2 where the score stage scores with the train stage's run (cross-fitting by default),
+    1 where it scores with other checkpoints or runs apart; a value given is kept."""
+    own = ["stages=[world, shard, train, score]"]
+    assert load_config(None, own).train.folds == 2
+    assert load_config(None, [*own, "train.folds=1"]).train.folds == 1
+    assert load_config(None, [*own, "train.folds=3"]).train.folds == 3
+    assert load_config(None, [*own, "score.checkpoints=[runs/pretrained/best.pt]"]).train.folds == 1
+    assert load_config(None, ["stages=[shard, train]"]).train.folds == 1
+    assert load_config(None, ["stages=[score]"]).train.folds == 1

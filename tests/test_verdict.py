@@ -65,7 +65,8 @@ def test_detection_claims_read_each_worlds_teachers(tmp_path):
         by_kind = {k: {"pairs": 10, "flagged": 0.9, "auroc": {"clean_prob": a, "cosine": 0.9, "loss": 0.9, "dn_score": 0.9}}
                    for k, a in (("swapped_caption", 0.99), ("unrelated_caption", unrelated), ("wrong_attribute", 0.9))}
         return {"noise_rate": {"estimated": rate, "labelled": 0.2}, "auroc": {"clean_prob": 0.95, "cosine": 0.9},
-                "by_kind": by_kind, "clean_flagged": 0.05}
+                "by_kind": by_kind, "clean_flagged": 0.05, "loss_rule": rule}
+    rule = "held_out"
     for world in ("noise20", "noise40"):
         (tmp_path / world).mkdir()
         (tmp_path / world / "detection.json").write_text(json.dumps({"self": found(0.90, 0.22), "pretrained": found(0.98, 0.30)}))
@@ -77,6 +78,13 @@ def test_detection_claims_read_each_worlds_teachers(tmp_path):
     assert shown["detection with the self-taught teacher, default settings"] == "**no**"  # 0.90 on the shapes worlds
     assert shown["the mixture estimates the noise rate"] == "**no**"  # the pretrained teacher's 0.30 against 0.20
     assert shown["clean_prob ranks the noise at least as well as the cosine"] == "**yes**"
+    for world in ("noise20", "noise40"):
+        (tmp_path / world / "detection.json").write_text(json.dumps({"self": found(0.97, 0.2)}))
+    assert claims(tmp_path)["detection with the self-taught teacher, default settings"] == "**yes**"
+    rule = "early"  # 0.97 everywhere, but scored by a rule that is not the default's
+    (tmp_path / "noise40" / "detection.json").write_text(json.dumps({"self": found(0.97, 0.2)}))
+    assert claims(tmp_path)["detection with the self-taught teacher, default settings"] == "**no**"
+    assert "scored early, not held_out" in verdict.verdict(*verdict.load(tmp_path))
 
 
 def test_where_retrieval_is_level_the_gap_claim_reads_the_hard_attribute(tmp_path):
