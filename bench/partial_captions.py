@@ -5,7 +5,8 @@ A world's clean captions are full ("big checked swatch, green on white (left)") 
 card"); a partial caption fits many images. For each teacher's scores of a world this prints, from the
 world's truth table (a benchmark may read it; no stage does):
 - the clean pairs flagged (clean_prob < 0.5) and their mean clean_prob, partial against full captions,
-  and the noise rate the mixture estimates against the injected one;
+  and the noise rate the mixture estimates against the injected one; the same mixture fitted on the
+  loss and on the cosine (is the overshoot the signal's, or the two-component model's?);
 - each noise kind's AUROC (loss, cosine, clean_prob) against all clean pairs and against the clean pairs
   with a full caption only: how much of a miss the partial captions make;
 - one wrong attribute, split by the attribute changed (the one word in which the caption differs from
@@ -23,7 +24,7 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from curate.scores import auroc  # noqa: E402
+from curate.scores import auroc, clean_probability, fit_mixture  # noqa: E402
 from pipelines.io import read_json  # noqa: E402
 from pipelines.worlds import generator  # noqa: E402
 
@@ -57,7 +58,14 @@ def aurocs(clean: pl.DataFrame, noisy: pl.DataFrame) -> dict[str, float]:
 def report(pairs: pl.DataFrame, words: dict[str, str]) -> list[str]:
     clean, noisy = pairs.filter(~pl.col("noisy")), pairs.filter(pl.col("noisy"))
     full = clean.filter(~pl.col("partial"))
+    is_clean, is_partial = ~pairs["noisy"].to_numpy(), pairs["partial"].to_numpy()
     lines = [f"  noise rate: estimated {1 - pairs['clean_prob'].mean():.3f}, injected {pairs['noisy'].mean():.3f}"]
+    for signal in ("loss", "cosine"):  # is the overshoot the loss's, or any two-component mixture's?
+        x = SIGNALS[signal] * pairs[signal].to_numpy()
+        p = clean_probability(fit_mixture(x, 0), x)
+        lines.append(f"  a two-Gaussian mixture on the {signal}: noise rate {1 - p.mean():.3f}, flagged: clean partial "
+                     f"{(p[is_clean & is_partial] < 0.5).mean():.1%}, clean full {(p[is_clean & ~is_partial] < 0.5).mean():.1%}, "
+                     f"noisy {(p[~is_clean] < 0.5).mean():.1%}")
     for name, part in (("partial", clean.filter(pl.col("partial"))), ("full", full)):
         lines.append(f"  clean, {name} captions: {len(part)} pairs ({len(part) / len(clean):.1%}), flagged "
                      f"{(part['clean_prob'] < 0.5).mean():.1%}, mean clean_prob {part['clean_prob'].mean():.3f}")
