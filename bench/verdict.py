@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipelines.compare import hard_column, headline, recovered  # noqa: E402
+from pipelines.compare import MIN_GAP, hard_column, headline, recovered  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = 3
@@ -127,11 +127,11 @@ def every_teacher(found: dict, pair: str) -> tuple[str, str]:
 
 
 def gap_column(rows: dict) -> str:
-    """R@1, unless the raw -> oracle gap in it is under 0.02 or within 2 std of its seeds (retrieval at the test
+    """R@1, unless the raw -> oracle gap in it is under MIN_GAP or within 2 std of its seeds (retrieval at the test
     split's ceiling): then the hard attribute's zero-shot accuracy, where the noise's damage still shows."""
     gaps = paired(rows, "clip_oracle", "clip_raw")
     hard = hard_column(next(iter(rows.get("clip_oracle", {}).values()), {}))
-    if hard and (not gaps or np.mean(gaps) < 0.02 or np.mean(gaps) <= 2 * np.std(gaps)):
+    if hard and (not gaps or np.mean(gaps) < MIN_GAP or np.mean(gaps) <= 2 * np.std(gaps)):
         return hard
     return "R@1 dot"
 
