@@ -474,12 +474,12 @@ def print_summary(summary: dict) -> None:
     print(f"\nscore summary: {c['samples']} samples = {c['scored']} scored + {c['failed']} failed")
     for reason, count in c["failed_by_reason"].items():
         print(f"  {count:>8}  {reason}")
-    averaged = f"{len(t['averaged'])} checkpoint(s)"
+    loss = f"loss averaged over {len(t['averaged'])} checkpoint(s)"
     if t["loss_rule"] == "held_out":
-        averaged = f"none: each pair's loss from the one of {len(t['checkpoints']) - 1} fold teachers that never saw it"
+        loss = f"each pair's loss from the one of {len(t['checkpoints']) - 1} fold teachers that never saw it"
     elif t["epochs"]:
-        averaged = "epochs " + ", ".join(str(e) for e in sorted(t["epochs"][j] for j in t["averaged"]))
-    print(f"  teacher {t['model']}: loss averaged over {averaged} ({t['loss_rule']}); embeddings, cosine and DN from "
+        loss = "loss averaged over epochs " + ", ".join(str(e) for e in sorted(t["epochs"][j] for j in t["averaged"]))
+    print(f"  teacher {t['model']}: {loss} ({t['loss_rule']}); embeddings, cosine and DN from "
           f"{t['checkpoints'][0]}, logit scale {t['logit_scale'][0]:.2f} (tau_s {t['tau_s']:.4f})")
     if t["noise_by_epoch"]:
         print("  noise found by epoch (the early rule averages up to its peak): "
