@@ -24,11 +24,11 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from curate.scores import auroc, clean_probability, fit_mixture  # noqa: E402
+from curate.scores import NOISY_WHEN, clean_probability, detection_report, fit_mixture  # noqa: E402
 from pipelines.io import read_json  # noqa: E402
 from pipelines.worlds import generator  # noqa: E402
 
-SIGNALS = {"loss": 1.0, "cosine": -1.0, "clean_prob": -1.0}  # sign: high when noisy
+SIGNALS = ("loss", "cosine", "clean_prob")
 
 
 def word_attributes(kind: str) -> dict[str, str]:
@@ -50,35 +50,36 @@ def scored_pairs(root: Path, scores: str) -> pl.DataFrame:
     return pairs.filter(pl.col("status") == "scored").join(truth, on="row")
 
 
-def aurocs(clean: pl.DataFrame, noisy: pl.DataFrame) -> dict[str, float]:
-    labels = np.r_[np.zeros(len(clean), bool), np.ones(len(noisy), bool)]
-    return {s: auroc(labels, sign * np.r_[clean[s].to_numpy(), noisy[s].to_numpy()]) for s, sign in SIGNALS.items()}
-
-
 def report(pairs: pl.DataFrame, words: dict[str, str]) -> list[str]:
-    clean, noisy = pairs.filter(~pl.col("noisy")), pairs.filter(pl.col("noisy"))
-    full = clean.filter(~pl.col("partial"))
-    is_clean, is_partial = ~pairs["noisy"].to_numpy(), pairs["partial"].to_numpy()
-    lines = [f"  noise rate: estimated {1 - pairs['clean_prob'].mean():.3f}, injected {pairs['noisy'].mean():.3f}"]
+    noisy, partial = pairs["noisy"].to_numpy(), pairs["partial"].to_numpy()
+    clean_prob = pairs["clean_prob"].to_numpy()
+    lines = [f"  noise rate: estimated {1 - clean_prob.mean():.3f}, injected {noisy.mean():.3f}"]
     for signal in ("loss", "cosine"):  # is the overshoot the loss's, or any two-component mixture's?
-        x = SIGNALS[signal] * pairs[signal].to_numpy()
+        x = NOISY_WHEN[signal] * pairs[signal].to_numpy()
         p = clean_probability(fit_mixture(x, 0), x)
         lines.append(f"  a two-Gaussian mixture on the {signal}: noise rate {1 - p.mean():.3f}, flagged: clean partial "
-                     f"{(p[is_clean & is_partial] < 0.5).mean():.1%}, clean full {(p[is_clean & ~is_partial] < 0.5).mean():.1%}, "
-                     f"noisy {(p[~is_clean] < 0.5).mean():.1%}")
-    for name, part in (("partial", clean.filter(pl.col("partial"))), ("full", full)):
-        lines.append(f"  clean, {name} captions: {len(part)} pairs ({len(part) / len(clean):.1%}), flagged "
-                     f"{(part['clean_prob'] < 0.5).mean():.1%}, mean clean_prob {part['clean_prob'].mean():.3f}")
+                     f"{(p[~noisy & partial] < 0.5).mean():.1%}, clean full {(p[~noisy & ~partial] < 0.5).mean():.1%}, "
+                     f"noisy {(p[noisy] < 0.5).mean():.1%}")
+    for name, part in (("partial", ~noisy & partial), ("full", ~noisy & ~partial)):
+        lines.append(f"  clean, {name} captions: {part.sum()} pairs ({part.sum() / (~noisy).sum():.1%}), flagged "
+                     f"{(clean_prob[part] < 0.5).mean():.1%}, mean clean_prob {clean_prob[part].mean():.3f}")
+    # one wrong attribute, also split by the attribute changed
+    kinds = pairs["noise_type"].to_numpy().astype(object)
+    fine = np.array([f"wrong_attribute: {changed_attribute(c, t, words)}" if k == "wrong_attribute" else k
+                     for k, c, t in zip(kinds, pairs["caption"], pairs["clean_caption"])], dtype=object)
+    scores = {s: pairs[s].to_numpy() for s in SIGNALS}
+    full = noisy | ~partial  # every noisy pair against the clean pairs with a full caption
+
+    def against(mask: np.ndarray) -> dict:
+        coarse = detection_report(noisy[mask], kinds[mask], {s: v[mask] for s, v in scores.items()})
+        split = detection_report(noisy[mask], fine[mask], {s: v[mask] for s, v in scores.items()})["by_kind"]
+        return {"all noisy": coarse["auroc"], **{k: v["auroc"] for k, v in (coarse["by_kind"] | split).items()}}
+
+    every, only_full = against(np.ones(len(noisy), bool)), against(full)
     lines.append(f"  {'AUROC against clean pairs':<34} {'pairs':>6} " + " ".join(f"{s + ' all/full':>20}" for s in SIGNALS))
-    groups = [("all noisy", noisy)] + [(k, noisy.filter(pl.col("noise_type") == k)) for k in sorted(noisy["noise_type"].unique())]
-    wrong = noisy.filter(pl.col("noise_type") == "wrong_attribute")
-    if len(wrong):
-        attr = [changed_attribute(c, t, words) for c, t in zip(wrong["caption"], wrong["clean_caption"])]
-        wrong = wrong.with_columns(changed=pl.Series(attr))
-        groups += [(f"  wrong {a}", wrong.filter(pl.col("changed") == a)) for a in sorted(set(attr))]
-    for name, group in groups:
-        a, f = aurocs(clean, group), aurocs(full, group)
-        lines.append(f"  {name:<34} {len(group):>6} " + " ".join(f"{a[s]:>10.3f} / {f[s]:.3f}" for s in SIGNALS))
+    for name in ["all noisy", *sorted(set(every) - {"all noisy"})]:
+        count = noisy.sum() if name == "all noisy" else ((kinds == name) | (fine == name)).sum()
+        lines.append(f"  {name:<34} {count:>6} " + " ".join(f"{every[name][s]:>10.3f} / {only_full[name][s]:.3f}" for s in SIGNALS))
     return lines
 
 
