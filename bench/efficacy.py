@@ -15,8 +15,11 @@ its rows (pipelines/compare.py). A row with `teachers: [self, pretrained]` runs 
 (named ROW and ROW_pretrained); `pairs: oracle` trains on the oracle shards. A row's result is
 written to <results>/<world>/<row>_s<seed>.json (--results, default docs/results/efficacy) and skipped when it exists, so the run
 can be spread over several sessions. What every row reads (the scores of each teacher, so the teachers too) is
-rebuilt by each session's chain; its digests go to <results>/<world>/inputs.json, and a session whose
-rebuilt inputs differ stops before training rather than mix two versions in one table.
+rebuilt by each session's chain: a build. Builds are seeded and identical on one CPU model, but torch's CPU
+kernels round differently on another and the teachers' training diverges, so a seed is a replicate of the
+whole chain: <results>/<world>/inputs.json lists each build (its digests, machine, commit, detection) and the
+seeds it claimed (at the seed's first row). A seed claimed by another build is not trained here: one seed's rows
+never mix two builds, and the spread over seeds includes the teacher's.
 
 On 2 cores, rows run fastest as two single-threaded processes (configs/efficacy: workers 0, threads 1);
 processes started with --rows-only share the rows (each takes the next one no other process holds):
@@ -176,17 +179,18 @@ def main() -> None:
     load = prepare_world if prepare else (lambda path, extra: load_config(path, extra))
     trained = {name: load(t["config"], teacher_overrides) for name, t in teachers.items()}
     worlds = {Path(path).stem: load(path, overrides) for path in args.configs}
-    plans = {}
+    plans, builds = {}, {}
     for world, config in worlds.items():
         scores = {name: teacher_scores(config, name, teacher) for name, teacher in trained.items()}
         plan = expand_rows(rows, scores)
         if prepare:
             for name, settings in scores.items():  # every teacher scores this world's shards once
                 run_score(config.model_copy(update={"score": config.score.model_copy(update=settings)}))
-            check_inputs(results_dir / world, input_digests(config, scores))
-        elif not args.tables_only and not (results_dir / world / "inputs.json").exists():
-            sys.exit(f"efficacy: {world} is not prepared; run with --prepare-only first")
         if not args.tables_only:
+            digests = input_digests(config, scores)
+            if missing := sorted({SELF, *trained} - {k.split("/")[0] for k in digests}):
+                sys.exit(f"efficacy: {world} is not prepared (no scores of {', '.join(missing)}); run with --prepare-only first")
+            builds[world] = {"scores": digests, "detection": detections(config, trained)}
             if any(row.get("pairs") == "oracle" for row in plan.values()):
                 oracle = oracle_shards(config)
                 plan = {n: ({**{k: v for k, v in r.items() if k != "pairs"}, "shards": oracle}
@@ -201,9 +205,11 @@ def main() -> None:
             if not mine:  # another process is training it
                 continue
             fresh = not path.exists()
+            if fresh and not claim(results_dir / world, seed, builds[world]):
+                continue
             result = run_once(worlds[world], name, plans[world][name], seed, budget, str(results_dir / world))
-            if fresh:  # which code trained it: runs spread over sessions must not mix versions unseen
-                write_json(str(path), {**result, "commit": commit()})
+            if fresh:  # which code and machine trained it: runs spread over sessions must not mix them unseen
+                write_json(str(path), {**result, "commit": commit(), "machine": machine()})
     by_world = {}
     for world, config in worlds.items():
         out = results_dir / world
@@ -213,9 +219,7 @@ def main() -> None:
                                      for name in plan for seed in seeds if (out / f"{name}_s{seed}.json").exists()]
         text = table(world, results, detection(config), plan, gap)
         (out / f"{Path(args.rows).stem}.md").write_text(text)
-        if found := detections(config, trained):  # the scores are here; else the detection the results keep
-            write_json(str(out / "detection.json"), found)
-        (out / "detection.md").write_text(detection_table(found or read_json(str(out / "detection.json"), {}) or {}))
+        (out / "detection.md").write_text(builds_table(read_json(str(out / "inputs.json"), {}) or {}))
         if results:
             (out / f"{Path(args.rows).stem}_curves.png").write_bytes(plot_curves(world, results))
         print("\n" + text)
@@ -250,18 +254,37 @@ def input_digests(config: Config, scores: dict[str, dict]) -> dict[str, str]:
             for name, folder in folders.items() for path in sorted(Path(folder).glob("*.parquet"))}
 
 
-def check_inputs(out: Path, digests: dict[str, str]) -> None:
-    """Record the inputs the first time; later sessions must have rebuilt the same ones."""
-    path = out / "inputs.json"
-    if path.exists():
-        before = json.loads(path.read_text())["scores"]
-        if before != digests:
-            changed = sorted(k for k in {*before, *digests} if before.get(k) != digests.get(k))
-            sys.exit(f"efficacy: {out.name}: the rebuilt scores differ from the ones its results were trained on "
-                     f"({', '.join(changed[:4])}); table them apart (--results) or delete {out} to start again")
-        return
+def claim(out: Path, seed: int, build: dict) -> bool:
+    """Whether this machine's build may train `seed`: no other build claimed it (it claims it now) or this one did."""
     out.mkdir(parents=True, exist_ok=True)
-    write_json(str(path), {"commit": commit(), "scores": digests})
+    with open(out / "inputs.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the lanes claim one at a time
+        builds = (read_json(str(out / "inputs.json"), {}) or {}).get("builds", [])
+        owner = next((b for b in builds if seed in b["seeds"]), None)
+        if owner is not None and owner["scores"] != build["scores"]:
+            print(f"efficacy: {out.name} seed {seed} was trained on another build of its inputs ({owner['machine']}); "
+                  f"its rows cannot resume here: finish them on a machine that rebuilds the same scores, or delete "
+                  f"{out.name}/*_s{seed}.json to train the seed again", file=sys.stderr)
+            return False
+        if owner is None:
+            mine = next((b for b in builds if b["scores"] == build["scores"]), None)
+            if mine is None:
+                builds.append(mine := {"seeds": [], "machine": machine(), "commit": commit(), **build})
+            mine["seeds"] = sorted({*mine["seeds"], seed})
+            write_json(str(out / "inputs.json"), {"builds": builds})
+        return True
+
+
+def machine() -> str:
+    """The CPU model and torch version: what decides how the teachers' and rows' floats round."""
+    import platform
+
+    import torch
+
+    info = Path("/proc/cpuinfo")
+    cpu = next((line.split(":", 1)[1].strip() for line in (info.read_text().splitlines() if info.exists() else [])
+                if line.startswith("model name")), platform.processor())
+    return f"{cpu or platform.machine()}, torch {torch.__version__}"
 
 
 def commit() -> str:
@@ -306,6 +329,13 @@ def detection_table(found: dict) -> str:
             lines.append(f"| {kind} | {pairs} | {'' if flagged is None else f'{flagged:.1%}'} | {a['clean_prob']:.3f} | "
                          f"{a['loss']:.3f} | {a['cosine']:.3f} | {a['dn_score']:.3f} |")
     return "\n".join(lines).strip() + "\n" if lines else "(no scores with a labels table)\n"
+
+
+def builds_table(inputs: dict) -> str:
+    """Each build's detection, headed by the seeds that read it and the machine that made it."""
+    return "\n".join(f"**Build on {b['machine']}** (seeds: {', '.join(map(str, b['seeds'])) or 'none yet'})\n\n"
+                     f"{detection_table(b['detection'])}" for b in inputs.get("builds", [])) or "(no scores yet)\n"
+
 
 if __name__ == "__main__":
     try:

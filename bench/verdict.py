@@ -3,17 +3,19 @@ result files, so that it is never written by hand ahead of the runs.
 
     python bench/verdict.py [--results docs/results/efficacy] [--doc docs/RESULTS.md]
 
-It reads <results>/<world>/<row>_s<seed>.json (bench/efficacy.py) and each world's detection.json. A
+It reads <results>/<world>/<row>_s<seed>.json (bench/efficacy.py) and each world's inputs.json: the detection
+of each build of the world's teachers and scores (one per CPU model the seeds ran on); a detection claim holds
+only if it holds for every build. A
 claim answers "yes" or "no" only from every seed it needs (SEEDS); before that it says "pending" and
 shows what has landed. The thresholds are the targets the benchmark was built against:
 
 | claim | reads | "yes" when |
 |---|---|---|
 | learning | clip_oracle, clip_raw | oracle hard attribute >= 0.8, colour >= 0.95, R@1 >= 0.19; oracle - raw > 2 std (in the gap claim's yardstick) |
-| detection_pretrained | detection.json | clean_prob AUROC >= 0.97 on swapped and unrelated captions, >= 0.85 on one wrong attribute |
-| detection_self | detection.json | the self-taught teacher, scored as by default (held-out fold teachers), has clean_prob AUROC >= 0.95 on unrelated captions |
-| noise_rate | detection.json | every teacher's estimated rate within 5 points of the injected one |
-| clean_prob_vs_cosine | detection.json | clean_prob's AUROC >= the cosine's, every teacher |
+| detection_pretrained | inputs.json | clean_prob AUROC >= 0.97 on swapped and unrelated captions, >= 0.85 on one wrong attribute |
+| detection_self | inputs.json | the self-taught teacher, scored as by default (held-out fold teachers), has clean_prob AUROC >= 0.95 on unrelated captions |
+| noise_rate | inputs.json | every teacher's estimated rate within 5 points of the injected one |
+| clean_prob_vs_cosine | inputs.json | clean_prob's AUROC >= the cosine's, every teacher |
 | gap | every row, 20% noise | some curation or soft-label row recovers >= 70% of raw -> oracle (in R@1, or in the hard attribute where R@1's gap is < 0.02 or within 2 std) |
 | softclip | softclip_*_pretrained vs clip_raw | mean paired gain > 2 std of the paired gains, at 20% and 40% |
 | oblique | oblique_k16 vs clip_raw and its matched controls | K=16 gains over CLIP and over both controls, beyond 2 std |
@@ -53,9 +55,16 @@ def load(results_dir: Path) -> tuple[dict, dict]:
         result = json.loads(path.read_text())
         if "row" in result and "test" in result:
             runs.setdefault(path.parent.name, {}).setdefault(result["row"], {})[result["seed"]] = headline(result)
-    for path in sorted(results_dir.glob("*/detection.json")):
-        found[path.parent.name] = json.loads(path.read_text())
+    for path in sorted(results_dir.glob("*/inputs.json")):
+        found[path.parent.name] = json.loads(path.read_text())["builds"]
     return runs, found
+
+
+def each_build(found: dict, world: str, teacher: str):
+    """(label, detection) of `teacher` in each build of `world`; the label names the machine where builds differ."""
+    builds = [b for b in found.get(world, []) if teacher in b["detection"]]
+    for b in builds:
+        yield (world if len(builds) == 1 else f"{world} ({b['machine'].split(',')[0]})"), b["detection"][teacher]
 
 
 def paired(runs: dict, row: str, base: str, column: str = "R@1 dot") -> list[float]:
@@ -102,31 +111,32 @@ def kind_auroc(d: dict, kind: str) -> float | None:
 
 
 def detection_claim(found: dict, teacher: str, targets: dict[str, float], rule: str | None = None) -> tuple[str, str]:
-    """The teacher's clean_prob AUROC by kind on every world; `rule`: the loss rule the claim is about (the
-    default settings), which each world's teacher must have been scored with."""
-    parts, ok, worlds = [], True, [w for w in (*NOISE, SECOND) if teacher in found.get(w, {})]
+    """The teacher's clean_prob AUROC by kind on every world and build; `rule`: the loss rule the claim is about
+    (the default settings), which each world's teacher must have been scored with."""
+    parts, ok, worlds = [], True, [w for w in (*NOISE, SECOND) if any(each_build(found, w, teacher))]
     for world in worlds:
-        d = found[world][teacher]
-        cells = [] if rule in (None, d["loss_rule"]) else [f"scored {d['loss_rule']}, not {rule}"]
-        ok &= not cells
-        for kind, target in targets.items():
-            value = kind_auroc(d, kind)
-            ok &= value is not None and value >= target
-            cells.append(f"{kind} {'-' if value is None else f'{value:.3f}'}")
-        parts.append(f"{world}: " + ", ".join(cells))
+        for label, d in each_build(found, world, teacher):
+            cells = [] if rule in (None, d["loss_rule"]) else [f"scored {d['loss_rule']}, not {rule}"]
+            ok &= not cells
+            for kind, target in targets.items():
+                value = kind_auroc(d, kind)
+                ok &= value is not None and value >= target
+                cells.append(f"{kind} {'-' if value is None else f'{value:.3f}'}")
+            parts.append(f"{label}: " + ", ".join(cells))
     return status(len(worlds) == 3, ok, bool(worlds)), "; ".join(parts) or "no scores yet"
 
 
 def every_teacher(found: dict, pair: str) -> tuple[str, str]:
-    """A detection claim on every world and teacher: `pair` names the two numbers, (estimated, injected) noise
-    rate within 5 points, or (clean_prob, cosine) AUROC with clean_prob at least level."""
+    """A detection claim on every world, build and teacher: `pair` names the two numbers, (estimated, injected)
+    noise rate within 5 points, or (clean_prob, cosine) AUROC with clean_prob at least level."""
     parts, ok = [], True
-    for world, teachers in found.items():
-        for teacher, d in teachers.items():
-            a, b = ((d["noise_rate"]["estimated"], d["noise_rate"]["labelled"]) if pair == "noise_rate"
-                    else (d["auroc"]["clean_prob"], d["auroc"]["cosine"]))
-            ok &= abs(a - b) <= 0.05 if pair == "noise_rate" else a >= b
-            parts.append(f"{world} {teacher} {a:.3f} vs {b:.3f}")
+    for world, builds in found.items():
+        for teacher in dict.fromkeys(t for b in builds for t in b["detection"]):
+            for label, d in each_build(found, world, teacher):
+                a, b = ((d["noise_rate"]["estimated"], d["noise_rate"]["labelled"]) if pair == "noise_rate"
+                        else (d["auroc"]["clean_prob"], d["auroc"]["cosine"]))
+                ok &= abs(a - b) <= 0.05 if pair == "noise_rate" else a >= b
+                parts.append(f"{label} {teacher} {a:.3f} vs {b:.3f}")
     return status(len(found) == 3, ok, bool(found)), "; ".join(parts) or "no scores yet"
 
 

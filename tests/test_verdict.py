@@ -62,29 +62,36 @@ def test_the_gap_claim_takes_the_best_row_and_the_instrument_needs_every_world(t
     assert claims(tmp_path)["the instrument can see learning"] == "**no**"
 
 
-def test_detection_claims_read_each_worlds_teachers(tmp_path):
+def test_detection_claims_read_each_worlds_teachers_in_every_build(tmp_path):
     def found(unrelated: float, rate: float) -> dict:
         by_kind = {k: {"pairs": 10, "flagged": 0.9, "auroc": {"clean_prob": a, "cosine": 0.9, "loss": 0.9, "dn_score": 0.9}}
                    for k, a in (("swapped_caption", 0.99), ("unrelated_caption", unrelated), ("wrong_attribute", 0.9))}
         return {"noise_rate": {"estimated": rate, "labelled": 0.2}, "auroc": {"clean_prob": 0.95, "cosine": 0.9},
                 "by_kind": by_kind, "clean_flagged": 0.05, "loss_rule": rule}
+
+    def builds(world: str, *detections: dict) -> None:  # one build per CPU model the world's seeds ran on
+        (tmp_path / world).mkdir(exist_ok=True)
+        (tmp_path / world / "inputs.json").write_text(json.dumps({"builds": [
+            {"seeds": [i], "machine": f"cpu {i}, torch 2", "scores": {"self/0.parquet": str(i)}, "detection": d}
+            for i, d in enumerate(detections)]}))
     rule = "held_out"
     for world in ("noise20", "noise40"):
-        (tmp_path / world).mkdir()
-        (tmp_path / world / "detection.json").write_text(json.dumps({"self": found(0.90, 0.22), "pretrained": found(0.98, 0.30)}))
+        builds(world, {"self": found(0.90, 0.22), "pretrained": found(0.98, 0.30)})
     assert claims(tmp_path)["detection with the pretrained teacher"] == "pending (partial)"
-    (tmp_path / "patterns20").mkdir()
-    (tmp_path / "patterns20" / "detection.json").write_text(json.dumps({"self": found(0.96, 0.2), "pretrained": found(0.98, 0.2)}))
+    builds("patterns20", {"self": found(0.96, 0.2), "pretrained": found(0.98, 0.2)})
     shown = claims(tmp_path)
     assert shown["detection with the pretrained teacher"] == "**yes**"
     assert shown["detection with the self-taught teacher, default settings"] == "**no**"  # 0.90 on the shapes worlds
     assert shown["the mixture estimates the noise rate"] == "**no**"  # the pretrained teacher's 0.30 against 0.20
     assert shown["clean_prob ranks the noise at least as well as the cosine"] == "**yes**"
     for world in ("noise20", "noise40"):
-        (tmp_path / world / "detection.json").write_text(json.dumps({"self": found(0.97, 0.2)}))
+        builds(world, {"self": found(0.97, 0.2)})
     assert claims(tmp_path)["detection with the self-taught teacher, default settings"] == "**yes**"
+    builds("noise40", {"self": found(0.97, 0.2)}, {"self": found(0.94, 0.2)})  # another machine's build misses
+    assert claims(tmp_path)["detection with the self-taught teacher, default settings"] == "**no**"
+    assert "noise40 (cpu 1): unrelated_caption 0.940" in verdict.verdict(*verdict.load(tmp_path))
     rule = "early"  # 0.97 everywhere, but scored by a rule that is not the default's
-    (tmp_path / "noise40" / "detection.json").write_text(json.dumps({"self": found(0.97, 0.2)}))
+    builds("noise40", {"self": found(0.97, 0.2)})
     assert claims(tmp_path)["detection with the self-taught teacher, default settings"] == "**no**"
     assert "scored early, not held_out" in verdict.verdict(*verdict.load(tmp_path))
 
