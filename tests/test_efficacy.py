@@ -151,7 +151,7 @@ def test_gap_recovered_is_the_rows_share_of_the_raw_to_oracle_gap_paired_by_seed
     gains = versus(results, rows, {"raw": "raw", "oracle": "oracle"})
     assert gains["cur"]["recovered"] == pytest.approx([0.75, 0.0])  # per seed, not from the means
     assert gains["oracle"]["recovered"] == pytest.approx([1.0, 1.0]) and gains["raw"]["recovered"] == [0.0, 0.0]
-    assert "| cur | raw | +0.075 +- 0.075 (1/2 > 0) | +0.000 +- 0.000 (0/2 > 0) | 38% +- 38% |" in \
+    assert "| cur | raw | +0.075 +- 0.075 (1/2 > 0) | +0.000 +- 0.000 (0/2 > 0) | 38% +- 38% (2) |" in \
         table("t", results, None, rows, {"raw": "raw", "oracle": "oracle"})
     for oracle in (0.10, 0.10 + 1e-8, 0.115):  # level, or above raw by less than a test split resolves
         level = [run("raw", 0, 0.10, 0.10), run("oracle", 0, oracle, oracle), run("cur", 0, 0.12, 0.12)]
@@ -172,7 +172,7 @@ def test_where_retrieval_saturates_the_gap_is_read_in_the_hard_attribute():
     rows, gap = {"raw": {}, "oracle": {}, "cur": {"baseline": "raw"}}, {"raw": "raw", "oracle": "oracle"}
     gains = versus(results, rows, gap)
     assert gains["cur"]["recovered"] == [] and gains["cur"]["recovered_hard"] == pytest.approx([0.8])
-    assert "| no gap (oracle - raw < 0.02) | 80% +- 0% |" in table("t", results, None, rows, gap)
+    assert "| no gap (oracle - raw < 0.02) | 80% +- 0% (1) |" in table("t", results, None, rows, gap)
 
 
 def test_a_row_run_by_several_teachers_reads_each_teachers_scores_and_keeps_its_baseline_in_step():
