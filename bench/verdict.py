@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipelines.compare import MIN_GAP, hard_column, headline, recovered  # noqa: E402
+from pipelines.compare import MIN_GAP, hard_column, headline, recovered, share  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = 3
@@ -161,8 +161,7 @@ def gap(runs: dict) -> tuple[str, str]:
     best = max(shares, key=lambda n: np.mean(shares[n]))
     done = all(len(v) >= SEEDS for v in shares.values())
     return (status(done, np.mean(shares[best]) >= 0.7, True),
-            f"in {column}: best {best}: {100 * np.mean(shares[best]):.0f}% +- {100 * np.std(shares[best]):.0f}% "
-            f"({len(shares[best])} seeds); {len(shares)} rows")
+            f"in {column}: best {best}: {share(shares[best])}; {len(shares)} rows")
 
 
 def gains_claim(runs: dict, worlds: tuple, pairs: list[tuple[str, str]]) -> tuple[str, str]:
