@@ -5,7 +5,7 @@ import yaml
 
 from pipelines.config import ConfigError, dump_config, load_config, save_config, validate
 
-ROW_FILES = ("rows.yaml", "rows_patterns.yaml", "sweep.yaml")  # the efficacy rows: train settings, not whole configs
+ROW_FILES = ("rows.yaml", "rows_patterns.yaml", "sweep.yaml", "ablations.yaml")  # the efficacy rows: train settings, not whole configs
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml") if p.name not in ROW_FILES)
 
 
