@@ -23,6 +23,8 @@ shows what has landed. The thresholds are the targets the benchmark was built ag
 | dn | every *_pretrained row | DN - dot >= 0 (mean over seeds) on each |
 | generators | the patterns world's rows vs the 20% shapes world's | every gain has the same sign in both |
 
+Every claim reads the rows of its world's table (TABLES: rows.yaml, rows_patterns.yaml); the one-seed rows of
+the sweep and the ablations, written beside them, are read in their own sections of RESULTS.md.
 Every gain (softclip, oblique, mmcl, dn, generators) is read in the world's yardstick, the gap claim's:
 R@1, or the hard attribute's zero-shot accuracy where raw and oracle are level in R@1 (gap_column); a
 gain in a measure where the clean ceiling is no higher than raw would be a gain in noise.
@@ -31,14 +33,17 @@ gain in a measure where the clean ceiling is no higher than raw would be a gain 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.efficacy import expand_rows  # noqa: E402
 from pipelines.compare import MIN_GAP, hard_column, headline, recovered, share  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +51,14 @@ SEEDS = 3
 NOISE = ("noise20", "noise40")
 SECOND = "patterns20"
 GAP = {"raw": "clip_raw", "oracle": "clip_oracle"}
+TABLES = {"noise20": "rows.yaml", "noise40": "rows.yaml", SECOND: "rows_patterns.yaml"}  # in configs/efficacy/
+
+
+@functools.cache
+def table_rows(world: str) -> set[str]:
+    """The row names of the world's table, each teacher's row expanded as bench/efficacy.py names them."""
+    spec = yaml.safe_load((ROOT / "configs" / "efficacy" / TABLES[world]).read_text())
+    return set(expand_rows(spec["rows"], {teacher: {} for teacher in spec.get("teachers", {})}))
 
 
 def load(results_dir: Path) -> tuple[dict, dict]:
@@ -53,8 +66,9 @@ def load(results_dir: Path) -> tuple[dict, dict]:
     runs, found = {}, {}
     for path in sorted(results_dir.glob("*/*_s*.json")):
         result = json.loads(path.read_text())
-        if "row" in result and "test" in result:
-            runs.setdefault(path.parent.name, {}).setdefault(result["row"], {})[result["seed"]] = headline(result)
+        world = path.parent.name
+        if "row" in result and "test" in result and world in TABLES and result["row"] in table_rows(world):
+            runs.setdefault(world, {}).setdefault(result["row"], {})[result["seed"]] = headline(result)
     for path in sorted(results_dir.glob("*/inputs.json")):
         found[path.parent.name] = json.loads(path.read_text())["builds"]
     return runs, found

@@ -54,6 +54,7 @@ def test_the_gap_claim_takes_the_best_row_and_the_instrument_needs_every_world(t
             write(tmp_path, world, "clip_oracle", seed, 0.30)
         write(tmp_path, "noise20", "clip_curated_clean_prob", seed, 0.27)  # 80% of the gap
         write(tmp_path, "noise20", "oblique_k16", seed, 0.16)
+    write(tmp_path, "noise20", "softclip_tau0.1_pretrained", 1, 0.30)  # a sweep row (one seed): not the table's
     shown = claims(tmp_path)
     assert shown["curation + soft labels recover the raw -> oracle gap"] == "**yes**"
     assert "best clip_curated_clean_prob: 80%" in verdict.verdict(*verdict.load(tmp_path))
