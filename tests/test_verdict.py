@@ -142,3 +142,20 @@ def test_the_dn_claim_needs_every_pretrained_row_of_every_world(tmp_path):
             write(tmp_path, "patterns20", name, seed, 0.20, dn=0.21)
     write(tmp_path, "patterns20", rows["patterns20"][0], 2, 0.20, dn=0.10)  # DN - dot: +0.01, +0.01, -0.10
     assert claims(tmp_path)["DN >= dot for the pretrained teacher's students"] == "**no**"
+
+
+def test_the_generators_claim_needs_every_row_of_the_second_worlds_table(tmp_path):
+    rows = sorted(verdict.table_rows("patterns20") - {"clip_raw", "clip_oracle"})
+    for seed in range(3):
+        for world in ("noise20", "patterns20"):
+            write(tmp_path, world, "clip_raw", seed, 0.20)
+            for name in rows[:1]:
+                write(tmp_path, world, name, seed, 0.25)
+    assert claims(tmp_path)["results hold beyond one generator"] == "pending (partial)"  # one row of several
+    for seed in range(3):
+        for world in ("noise20", "patterns20"):
+            for name in rows[1:]:
+                write(tmp_path, world, name, seed, 0.25)
+    assert claims(tmp_path)["results hold beyond one generator"] == "**yes**"
+    write(tmp_path, "patterns20", rows[-1], 0, 0.0)  # one row's gain changes sign on the second world
+    assert claims(tmp_path)["results hold beyond one generator"] == "**no**"
