@@ -46,8 +46,9 @@ def n10_skew(image: torch.Tensor, text: torch.Tensor, means=None, lam: float = 0
 def gains(evaluate, score, val_means, test_means) -> dict:
     """dot, and DN - dot for each lambda with the evaluation's means and at 0.5 with the test split's own.
     `evaluate(lam, means)` is a `with_dn` result; `score` reads one number from its dot or dn part."""
-    dot = score(evaluate(0.5, val_means)["dot"])
-    row = {"dot": dot} | {f"val {lam}": score(evaluate(lam, val_means)["dn"]) - dot for lam in LAMBDAS}
+    by_lambda = {lam: evaluate(lam, val_means) for lam in LAMBDAS}  # each also scores the dot product
+    dot = score(by_lambda[0.5]["dot"])
+    row = {"dot": dot} | {f"val {lam}": score(result["dn"]) - dot for lam, result in by_lambda.items()}
     return row | {"test 0.5": score(evaluate(0.5, [test_means])["dn"]) - dot}
 
 
@@ -78,8 +79,10 @@ def main() -> None:
     config = load_config(args.config, [])
     runs_dir = Path(join(config.root, "runs"))
     runs = sorted({p.name for pattern in args.runs for p in runs_dir.glob(pattern) if (p / "checkpoints" / "best.pt").exists()})
+    if not runs:
+        sys.exit(f"dn_ablation: no run under {runs_dir} matching {' '.join(args.runs)} has checkpoints/best.pt")
     results = {run: ablate(config, str(runs_dir / run / "checkpoints" / "best.pt")) for run in runs}
-    metrics = [m for m in next(iter(results.values())) if isinstance(next(iter(results.values()))[m], dict)]
+    metrics = [m for m, value in results[runs[0]].items() if isinstance(value, dict)]
     print(f"DN - dot on {config.evaluate.data}: lambda 0.25 / 0.5 / 1 with the means of {config.evaluate.dn_samples} "
           f"validation samples ({config.evaluate.dn_seeds} draws), and 0.5 with the test split's own means")
     for metric in metrics:
