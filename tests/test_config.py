@@ -38,6 +38,14 @@ def test_efficacy_rows_are_valid_train_settings(name):
         assert "train" in load_config(root / teacher["config"]).stages
 
 
+def test_rows_files_of_the_noise_worlds_declare_the_same_teachers():
+    """A seed's rows are bound to one build of the world's inputs, the digest of every declared teacher's
+    scores: a rows file declaring other teachers than rows.yaml could add no row to a seed the table trained."""
+    root = Path(__file__).resolve().parents[1] / "configs" / "efficacy"
+    teachers = {name: yaml.safe_load((root / name).read_text()).get("teachers") for name in ("rows.yaml", "sweep.yaml", "ablations.yaml")}
+    assert teachers["rows.yaml"] and all(t == teachers["rows.yaml"] for t in teachers.values()), teachers
+
+
 def test_unknown_key_is_named_with_a_suggestion(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("shard:\n  thread: 4\n")
