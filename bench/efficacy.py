@@ -12,7 +12,8 @@ self-taught teacher, scores, audit, curation) and the scores of every other teac
 here from the world's truth table (nothing else ever reads the truth to decide anything). Then every
 row of the rows file for every seed, with the same budget, as the compare stage trains and evaluates
 its rows (pipelines/compare.py). A row with `teachers: [self, pretrained]` runs once per teacher
-(named ROW and ROW_pretrained); `pairs: oracle` trains on the oracle shards. A row's result is
+(named ROW and ROW_pretrained); `pairs: oracle` trains on the oracle shards, `pairs: oracle_full` on
+those whose true caption is a full one (the ceiling without the captions that fit many images). A row's result is
 written to <results>/<world>/<row>_s<seed>.json (--results, default docs/results/efficacy) and skipped when it exists, so the run
 can be spread over several sessions. What every row reads (the scores of each teacher, so the teachers too) is
 rebuilt by each session's chain: a build. Builds are seeded and identical on one CPU model, but torch's CPU
@@ -57,6 +58,7 @@ from pipelines.score import detection_rows, run_score  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results" / "efficacy"
+ORACLE, ORACLE_FULL = "oracle", "oracle_full"  # `pairs:` of the rows the truth table feeds
 SELF = "self"  # the teacher each world trains on its own noisy pairs (its chain's train stage)
 SMOKE = {"world": ["world.n_train=300", "world.n_val=60", "world.n_test=60", "shard.samples_per_shard=150",
                    "train.epochs=2", "train.batch_size=32", "curate.samples_per_shard=150"],
@@ -96,29 +98,36 @@ def expand_rows(rows: dict, scores: dict[str, dict]) -> dict:
     return expanded
 
 
-def oracle_shards(config: Config) -> str:
+def oracle_shards(config: Config, full_only: bool = False) -> str:
     """The shard stage's shards with every caption replaced by the pair's true one (the world's truth
-    table's clean_caption, by url-list row): the ceiling's training data, for this benchmark only."""
+    table's clean_caption, by url-list row): the ceiling's training data, for this benchmark only.
+    `full_only` keeps only the pairs whose true caption is a full one (truth `partial` false)."""
     import webdataset as wds
 
     from pipelines.world import world_truth
 
-    truth = world_truth(config, ("row", "clean_caption"))
+    truth = world_truth(config, ("row", "clean_caption", "partial"))
     true_caption = dict(zip(truth["row"].to_list(), truth["clean_caption"].to_list()))
-    out = Path(config.root) / "oracle" / "shards"
+    dropped = set(truth.filter(truth["partial"])["row"].to_list()) if full_only else set()
+    out = Path(config.root) / ("oracle_full" if full_only else "oracle") / "shards"
     out.mkdir(parents=True, exist_ok=True)
     urls = []
     for shard in finished_shards(config):
         name = Path(shard).name
+        stats = out / name.replace(".tar", "_stats.json")
         urls.append(str(out / name))
-        if (out / name).exists():
+        if stats.exists():  # written after its tar
             continue
-        shutil.copyfile(shard.removesuffix(".tar") + "_stats.json", out / name.replace(".tar", "_stats.json"))
-        with atomic_open(str(out / name)) as f, wds.TarWriter(f, mtime=0) as sink:  # whole or absent: the skip above
+        kept = 0
+        with atomic_open(str(out / name)) as f, wds.TarWriter(f, mtime=0) as sink:
             for sample in wds.WebDataset(shard, shardshuffle=False):
                 row = json.loads(sample["json"])["row"]
+                if row in dropped:
+                    continue
                 sink.write({**{k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"},
                             "txt": true_caption[row].encode()})
+                kept += 1
+        write_json(str(stats), {**read_json(shard.removesuffix(".tar") + "_stats.json"), "count": kept, "successes": kept})
     return "::".join(urls)
 
 
@@ -191,10 +200,10 @@ def main() -> None:
             if missing := sorted({SELF, *trained} - {k.split("/")[0] for k in digests}):
                 sys.exit(f"efficacy: {world} is not prepared (no scores of {', '.join(missing)}); run with --prepare-only first")
             builds[world] = {"scores": digests, "detection": detections(config, trained)}
-            if any(row.get("pairs") == "oracle" for row in plan.values()):
-                oracle = oracle_shards(config)
-                plan = {n: ({**{k: v for k, v in r.items() if k != "pairs"}, "shards": oracle}
-                            if r.get("pairs") == "oracle" else r) for n, r in plan.items()}
+            oracles = {kind: oracle_shards(config, full_only=kind == ORACLE_FULL)
+                       for kind in {row.get("pairs") for row in plan.values()} & {ORACLE, ORACLE_FULL}}
+            plan = {n: ({**{k: v for k, v in r.items() if k != "pairs"}, "shards": oracles[r["pairs"]]}
+                        if r.get("pairs") in oracles else r) for n, r in plan.items()}
         plans[world] = {n: r for n, r in plan.items() if not args.only or n in args.only}
     seeds = args.seeds or seeds
     # seed-major, so that a run stopped part-way has every row and world at the first seeds

@@ -5,7 +5,7 @@ import yaml
 
 from pipelines.config import ConfigError, dump_config, load_config, save_config, validate
 
-ROW_FILES = ("rows.yaml", "rows_patterns.yaml", "sweep.yaml", "ablations.yaml")  # the efficacy rows: train settings, not whole configs
+ROW_FILES = ("rows.yaml", "rows_patterns.yaml", "sweep.yaml", "ablations.yaml", "ablations_patterns.yaml")  # the efficacy rows: train settings, not whole configs
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml") if p.name not in ROW_FILES)
 
 
@@ -27,8 +27,9 @@ def test_efficacy_rows_are_valid_train_settings(name):
     spec_file.loader.exec_module(efficacy)
     spec = yaml.safe_load((root / "configs" / "efficacy" / name).read_text())
     scores = {t: {"output": f"/w/scores_{t}", "checkpoints": [f"/t/{t}.pt"]} for t in spec.get("teachers", {})}
-    plan = {n: ({**{k: v for k, v in r.items() if k != "pairs"}, "shards": "/w/oracle/shards/00000.tar"}
-                if r.get("pairs") == "oracle" else r) for n, r in efficacy.expand_rows(spec["rows"], scores).items()}
+    plan = {n: ({**{k: v for k, v in r.items() if k != "pairs"}, "shards": f"/w/{r['pairs']}/shards/00000.tar"}
+                if r.get("pairs") in (efficacy.ORACLE, efficacy.ORACLE_FULL) else r)
+            for n, r in efficacy.expand_rows(spec["rows"], scores).items()}
     config = load_config(None, [], {"compare.rows": plan, "compare.budget": spec["budget"]})
     assert list(config.compare.rows) == list(plan) and set(spec["gap"].values()) <= set(plan)
     for row in plan.values():
@@ -38,12 +39,14 @@ def test_efficacy_rows_are_valid_train_settings(name):
         assert "train" in load_config(root / teacher["config"]).stages
 
 
-def test_rows_files_of_the_noise_worlds_declare_the_same_teachers():
+@pytest.mark.parametrize("table, others", [("rows.yaml", ("sweep.yaml", "ablations.yaml")),
+                                          ("rows_patterns.yaml", ("ablations_patterns.yaml",))])
+def test_rows_files_of_one_world_declare_its_tables_teachers(table, others):
     """A seed's rows are bound to one build of the world's inputs, the digest of every declared teacher's
-    scores: a rows file declaring other teachers than rows.yaml could add no row to a seed the table trained."""
+    scores: a rows file declaring other teachers than its world's table could add no row to a seed it trained."""
     root = Path(__file__).resolve().parents[1] / "configs" / "efficacy"
-    teachers = {name: yaml.safe_load((root / name).read_text()).get("teachers") for name in ("rows.yaml", "sweep.yaml", "ablations.yaml")}
-    assert teachers["rows.yaml"] and all(t == teachers["rows.yaml"] for t in teachers.values()), teachers
+    teachers = {name: yaml.safe_load((root / name).read_text()).get("teachers") for name in (table, *others)}
+    assert teachers[table] and all(t == teachers[table] for t in teachers.values()), teachers
 
 
 def test_unknown_key_is_named_with_a_suggestion(tmp_path):

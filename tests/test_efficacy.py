@@ -217,3 +217,26 @@ def test_a_seed_is_trained_on_one_build_of_its_inputs(tmp_path):
     builds = json.loads((tmp_path / "inputs.json").read_text())["builds"]
     assert [(b["scores"]["self/00000.parquet"], b["seeds"]) for b in builds] == [("aa", [0, 2]), ("bb", [1])]
     assert "(seeds: 0, 2)" in efficacy.builds_table({"builds": builds})
+
+
+def test_the_oracle_gives_each_pair_its_true_caption_and_the_full_caption_oracle_only_those_pairs(tmp_path):
+    import webdataset as wds
+    from conftest import demo_shard_overrides, make_demo_shards
+
+    from pipelines.config import load_config
+    from pipelines.world import world_truth
+    from train.data import count_samples
+
+    root = make_demo_shards(tmp_path, 80, per_shard=40)
+    config = load_config(None, [f"root={root}", *demo_shard_overrides(root / "world", 80, 40)])
+    truth = {row: (caption, partial) for row, caption, partial in
+             world_truth(config, ("row", "clean_caption", "partial")).iter_rows()}
+    assert 0 < sum(partial for _, partial in truth.values()) < len(truth)  # both kinds of caption are there
+    shards = efficacy.finished_shards(config)
+    sharded = {json.loads(s["json"])["row"] for url in shards for s in wds.WebDataset(url, shardshuffle=False)}
+    for full_only in (False, True):
+        urls = efficacy.oracle_shards(config, full_only=full_only).split("::")
+        pairs = {json.loads(s["json"])["row"]: s["txt"].decode() for url in urls for s in wds.WebDataset(url, shardshuffle=False)}
+        assert set(pairs) == {row for row in sharded if not (full_only and truth[row][1])}
+        assert all(caption == truth[row][0] for row, caption in pairs.items())
+        assert count_samples(urls) == len(pairs)  # the stats the train stage sizes its epochs by
