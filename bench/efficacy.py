@@ -109,7 +109,7 @@ def oracle_shards(config: Config, full_only: bool = False) -> str:
     truth = world_truth(config, ("row", "clean_caption", "partial"))
     true_caption = dict(zip(truth["row"].to_list(), truth["clean_caption"].to_list()))
     dropped = set(truth.filter(truth["partial"])["row"].to_list()) if full_only else set()
-    out = Path(config.root) / ("oracle_full" if full_only else "oracle") / "shards"
+    out = Path(config.root) / (ORACLE_FULL if full_only else ORACLE) / "shards"
     out.mkdir(parents=True, exist_ok=True)
     urls = []
     for shard in finished_shards(config):
