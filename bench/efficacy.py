@@ -98,18 +98,18 @@ def expand_rows(rows: dict, scores: dict[str, dict]) -> dict:
     return expanded
 
 
-def oracle_shards(config: Config, full_only: bool = False) -> str:
+def oracle_shards(config: Config, kind: str = ORACLE) -> str:
     """The shard stage's shards with every caption replaced by the pair's true one (the world's truth
     table's clean_caption, by url-list row): the ceiling's training data, for this benchmark only.
-    `full_only` keeps only the pairs whose true caption is a full one (truth `partial` false)."""
+    ORACLE_FULL keeps only the pairs whose true caption is a full one (truth `partial` false)."""
     import webdataset as wds
 
     from pipelines.world import world_truth
 
     truth = world_truth(config, ("row", "clean_caption", "partial"))
     true_caption = dict(zip(truth["row"].to_list(), truth["clean_caption"].to_list()))
-    dropped = set(truth.filter(truth["partial"])["row"].to_list()) if full_only else set()
-    out = Path(config.root) / (ORACLE_FULL if full_only else ORACLE) / "shards"
+    dropped = set(truth.filter(truth["partial"])["row"].to_list()) if kind == ORACLE_FULL else set()
+    out = Path(config.root) / kind / "shards"
     out.mkdir(parents=True, exist_ok=True)
     urls = []
     for shard in finished_shards(config):
@@ -129,6 +129,13 @@ def oracle_shards(config: Config, full_only: bool = False) -> str:
                 kept += 1
         write_json(str(stats), {**read_json(shard.removesuffix(".tar") + "_stats.json"), "count": kept, "successes": kept})
     return "::".join(urls)
+
+
+def with_oracle_shards(plan: dict, shards) -> dict:
+    """The rows with `pairs: oracle` / `oracle_full` training on `shards(kind)` (made once per kind)."""
+    oracles = {kind: shards(kind) for kind in {row.get("pairs") for row in plan.values()} & {ORACLE, ORACLE_FULL}}
+    return {n: ({**{k: v for k, v in r.items() if k != "pairs"}, "shards": oracles[r["pairs"]]}
+                if r.get("pairs") in oracles else r) for n, r in plan.items()}
 
 
 def across(by_world: dict[str, list[dict]], rows: dict) -> str:
@@ -200,10 +207,7 @@ def main() -> None:
             if missing := sorted({SELF, *trained} - {k.split("/")[0] for k in digests}):
                 sys.exit(f"efficacy: {world} is not prepared (no scores of {', '.join(missing)}); run with --prepare-only first")
             builds[world] = {"scores": digests, "detection": detections(config, trained)}
-            oracles = {kind: oracle_shards(config, full_only=kind == ORACLE_FULL)
-                       for kind in {row.get("pairs") for row in plan.values()} & {ORACLE, ORACLE_FULL}}
-            plan = {n: ({**{k: v for k, v in r.items() if k != "pairs"}, "shards": oracles[r["pairs"]]}
-                        if r.get("pairs") in oracles else r) for n, r in plan.items()}
+            plan = with_oracle_shards(plan, lambda kind: oracle_shards(config, kind))
         plans[world] = {n: r for n, r in plan.items() if not args.only or n in args.only}
     seeds = args.seeds or seeds
     # seed-major, so that a run stopped part-way has every row and world at the first seeds

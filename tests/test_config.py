@@ -27,9 +27,7 @@ def test_efficacy_rows_are_valid_train_settings(name):
     spec_file.loader.exec_module(efficacy)
     spec = yaml.safe_load((root / "configs" / "efficacy" / name).read_text())
     scores = {t: {"output": f"/w/scores_{t}", "checkpoints": [f"/t/{t}.pt"]} for t in spec.get("teachers", {})}
-    plan = {n: ({**{k: v for k, v in r.items() if k != "pairs"}, "shards": f"/w/{r['pairs']}/shards/00000.tar"}
-                if r.get("pairs") in (efficacy.ORACLE, efficacy.ORACLE_FULL) else r)
-            for n, r in efficacy.expand_rows(spec["rows"], scores).items()}
+    plan = efficacy.with_oracle_shards(efficacy.expand_rows(spec["rows"], scores), lambda kind: f"/w/{kind}/shards/00000.tar")
     config = load_config(None, [], {"compare.rows": plan, "compare.budget": spec["budget"]})
     assert list(config.compare.rows) == list(plan) and set(spec["gap"].values()) <= set(plan)
     for row in plan.values():

@@ -234,8 +234,9 @@ def test_the_oracle_gives_each_pair_its_true_caption_and_the_full_caption_oracle
     assert 0 < sum(partial for _, partial in truth.values()) < len(truth)  # both kinds of caption are there
     shards = efficacy.finished_shards(config)
     sharded = {json.loads(s["json"])["row"] for url in shards for s in wds.WebDataset(url, shardshuffle=False)}
-    for full_only in (False, True):
-        urls = efficacy.oracle_shards(config, full_only=full_only).split("::")
+    for kind in (efficacy.ORACLE, efficacy.ORACLE_FULL):
+        full_only = kind == efficacy.ORACLE_FULL
+        urls = efficacy.oracle_shards(config, kind).split("::")
         pairs = {json.loads(s["json"])["row"]: s["txt"].decode() for url in urls for s in wds.WebDataset(url, shardshuffle=False)}
         assert set(pairs) == {row for row in sharded if not (full_only and truth[row][1])}
         assert all(caption == truth[row][0] for row, caption in pairs.items())
